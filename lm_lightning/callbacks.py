@@ -1,0 +1,127 @@
+"""Callbacks of our own: throughput, and what every run records in MLflow."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class TokensPerSecond(L.Callback):
+    """Logs ``train/tokens_per_s`` over each ``log_every_n_steps`` window of training (validation excluded).
+
+    Wall time between logging steps needs no device sync: over a window of many steps the queue of
+    asynchronous work stays bounded, so the average is right without stalling every step.
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._tokens = 0
+
+    def _reset(self) -> None:
+        self._start, self._tokens = time.perf_counter(), 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._reset()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._reset()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += batch[:, 1:].numel() * trainer.world_size
+        if self._start is not None and (trainer.global_step % trainer.log_every_n_steps == 0):
+            elapsed = time.perf_counter() - self._start
+            if elapsed > 0:
+                pl_module.log("train/tokens_per_s", self._tokens / elapsed, prog_bar=True, rank_zero_only=True)
+            self._reset()
+
+
+def git_commit(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+class MLflowConfig(SaveConfigCallback):
+    """Logs the resolved config to the MLflow run: as dotted params and as ``config.yaml``.
+
+    Replaces LightningCLI's ``SaveConfigCallback``, which asserts a ``log_dir`` that an MLflow
+    logger with a database or server tracking URI does not have (lightning issue 19441).
+    """
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None:
+            return
+        config = self.parser.dump(self.config, skip_none=False)
+        logger.experiment.log_text(logger.run_id, config, "config.yaml")
+        params = {k: v for k, v in flatten(self.config.as_dict()).items() if k.split(".")[0] != "config"}
+        logger.log_hyperparams(params)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class MLflowRunInfo(L.Callback):
+    """Tags the MLflow run (git commit, corpus hash, parameter count), logs the tokenizer, and says where things are."""
+
+    def _log_run_info(self, trainer, pl_module) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None:
+            return
+        datamodule = trainer.datamodule
+        tags = {"n_params": str(pl_module.model.num_params()), "vocab_size": str(pl_module.model.config.vocab_size)}
+        if commit := git_commit(Path.cwd()):
+            tags["git_commit"] = commit
+        if datamodule is not None and datamodule.meta:
+            tags["corpus_sha256"] = datamodule.meta["corpus_sha256"]
+            tags["tokenizer"] = datamodule.meta["tokenizer"]
+            tags["data.path"] = str(datamodule.path or "builtin:pydoc_data")
+        for key, value in tags.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
+        if pl_module.tokenizer_json:
+            logger.experiment.log_text(logger.run_id, pl_module.tokenizer_json, "tokenizer/tokenizer.json")
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._log_run_info(trainer, pl_module)
+
+    @rank_zero_only
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._log_run_info(trainer, pl_module)
+
+    @rank_zero_only
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._log_run_info(trainer, pl_module)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        logger = mlflow_logger(trainer)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if logger is not None and best:
+            logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(Path(best).resolve()))
+        if best:
+            print(f"best checkpoint: {Path(best).resolve()}")
+        if logger is not None:
+            print(f"MLflow run: {logger.run_id} (experiment {logger.experiment_name!r}, tracking {logger.tracking_uri}; browse with: mlflow ui)")

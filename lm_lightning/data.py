@@ -1,0 +1,514 @@
+"""From raw text to batches: corpus sources, the token cache, datasets and ``TextDataModule``.
+
+The pipeline runs once per corpus and tokenizer (``prepare_data``): read the sources, train or load
+the tokenizer, tokenize in parallel batches, and write two memory-mapped token files (train and
+validation) with a ``meta.json`` that says exactly what they were built from. Training then reads
+``(batch_size, block_size + 1)`` windows straight out of the memmap, so memory does not grow
+with the corpus.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob as globlib
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from lm_lightning.tokenizer import (
+    EOT,
+    iter_batches,
+    load_tokenizer,
+    save_tokenizer,
+    token_bytes,
+    tokenizer_from_str,
+    tokenizer_hash,
+    train_tokenizer,
+)
+
+BUILTIN_CORPUS = "builtin:pydoc_data"
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+CACHE_FORMAT = 1
+_READ_BLOCK = 8 << 20  # bytes read at a time: bounded memory whatever the file size
+_ENCODE_BATCH = 1024  # text pieces per encode_batch call (tokenizers runs a batch on all cores)
+
+
+class DataError(ValueError):
+    """Bad corpus or data configuration; the message names the problem and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: where the text comes from, read as a stream of documents.
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of the corpus (or the built-in corpus). Each yields one stream of documents."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+def resolve_sources(path: str | None) -> list[Source]:
+    """The files ``path`` names: a file, a folder (recursively), or a glob; ``None``: the built-in corpus."""
+    if path is None:
+        return [Source(BUILTIN_CORPUS, 0, 0)]
+    expanded = os.path.expanduser(path)
+    if glob_chars := any(c in expanded for c in "*?["):
+        files = sorted(p for p in globlib.glob(expanded, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(expanded):
+        files = sorted(
+            str(p) for p in Path(expanded).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        )
+    elif os.path.isfile(expanded):
+        files = [expanded]
+    else:
+        raise DataError(f"data.path {path!r} does not exist; point it at a text file, a folder or a glob")
+    if not files:
+        what = "matches no files" if glob_chars else f"has no {'/'.join(TEXT_SUFFIXES)} files"
+        raise DataError(f"data.path {path!r} {what}; point it at UTF-8 text files")
+    sources = []
+    for f in files:
+        st = os.stat(f)
+        sources.append(Source(os.path.abspath(f), st.st_size, st.st_mtime_ns))
+    return sources
+
+
+def _builtin_documents() -> Iterator[str]:
+    """The Python reference documentation that ships with CPython (``pydoc_data.topics``), one topic a document."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+
+
+def _decode(block: bytes, path: str, offset: int) -> str:
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8: undecodable byte 0x{block[e.start]:02x} at byte offset {offset + e.start}; "
+            "convert it (e.g. iconv -f GB18030 -t UTF-8) or remove it from data.path"
+        ) from None
+
+
+def _read_text_pieces(path: str) -> Iterator[str]:
+    """Stream a text file as pieces cut at line ends, reading ``_READ_BLOCK`` bytes at a time."""
+    offset = 0
+    rest = b""
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:  # no line end yet: keep reading, a line is never split mid-character
+                rest = block
+                continue
+            rest = block[cut:]
+            yield from _decode(block[:cut], path, offset).splitlines(keepends=True)
+            offset += cut
+    if rest:
+        yield from _decode(rest, path, offset).splitlines(keepends=True)
+
+
+def _read_jsonl_documents(path: str, field: str) -> Iterator[str]:
+    for lineno, line in enumerate(_read_text_pieces(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(
+                f"{path} line {lineno} has no string {field!r} field; set data.jsonl_field to the field that holds the text"
+            )
+        yield record[field]
+
+
+def iter_documents(source: Source, jsonl_field: str) -> Iterator[Iterable[str]]:
+    """Yield each document of ``source`` as an iterable of text pieces (a text file's lines)."""
+    if source.path == BUILTIN_CORPUS:
+        for doc in _builtin_documents():
+            yield [doc]
+    elif source.path.lower().endswith(".jsonl"):
+        for doc in _read_jsonl_documents(source.path, jsonl_field):
+            yield [doc]
+    else:
+        yield _read_text_pieces(source.path)
+
+
+def iter_text(sources: list[Source], jsonl_field: str) -> Iterator[str]:
+    for source in sources:
+        for doc in iter_documents(source, jsonl_field):
+            yield from doc
+
+
+# --------------------------------------------------------------------------------------------
+# Token cache: train.bin / val.bin (memmaps) + meta.json, written atomically under a lock.
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Serialise builders of one cache folder across processes (two runs started at once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path) -> dict:
+    """Tokenize every source into ``folder``/{train,val}.bin; return the meta that describes them.
+
+    Each source's documents are joined with end-of-text tokens, and its last ``val_fraction`` of
+    tokens goes to validation, so the split is deterministic and never overlaps training.
+    """
+    eot = tokenizer.token_to_id(EOT)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    tmp = {split: folder / f".{split}.bin.{os.getpid()}.tmp" for split in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    corpus_hash = hashlib.sha256()
+    has_text = False
+    total_bytes = sum(s.size for s in sources)
+    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=total_bytes < 64 << 20, file=sys.stderr)
+    try:
+        with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f:
+            for source in sources:
+                # A source's tokens go to a scratch file first: the split point is known only at its end.
+                scratch_path = folder / f".source.{os.getpid()}.tmp"
+                n = 0
+                with open(scratch_path, "wb") as scratch:
+                    for doc in iter_documents(source, jsonl_field):
+                        for batch in iter_batches(doc, _ENCODE_BATCH):
+                            for text in batch:
+                                corpus_hash.update(text.encode("utf-8"))
+                                has_text = has_text or bool(text.strip())
+                            ids = [i for enc in tokenizer.encode_batch(batch, add_special_tokens=False) for i in enc.ids]
+                            np.asarray(ids, dtype=dtype).tofile(scratch)
+                            n += len(ids)
+                            progress.update(sum(len(t.encode("utf-8")) for t in batch) if not progress.disable else 0)
+                        np.asarray([eot], dtype=dtype).tofile(scratch)
+                        n += 1
+                tokens = np.memmap(scratch_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+                n_val = int(round(n * val_fraction))
+                tokens[: n - n_val].tofile(train_f)
+                tokens[n - n_val :].tofile(val_f)
+                counts["train"] += n - n_val
+                counts["val"] += n_val
+                del tokens
+                scratch_path.unlink()
+            for f in (train_f, val_f):
+                f.flush()
+                os.fsync(f.fileno())
+        meta = {"train_tokens": counts["train"], "val_tokens": counts["val"], "dtype": dtype.name, "corpus_sha256": corpus_hash.hexdigest(), "has_text": has_text}
+        (folder / "meta.json").unlink(missing_ok=True)  # from here until the new meta lands, the cache reads as absent
+        for split, path in tmp.items():
+            os.replace(path, folder / f"{split}.bin")
+        return meta
+    finally:
+        progress.close()
+        for path in (*tmp.values(), *folder.glob(f".source.{os.getpid()}.tmp")):
+            path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets and the sampler.
+
+
+class TrainWindows(Dataset):
+    """Random ``(batch_size, block_size + 1)`` windows of the training tokens, one batch per index.
+
+    Batch ``(epoch, i)`` is a pure function of ``(seed, rank, epoch, i)``: resuming at batch ``i``
+    gives exactly the batches an uninterrupted run would have seen, whatever ``num_workers`` is.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self._arange = np.arange(block_size + 1)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, self.rank, epoch, i])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        return torch.from_numpy(self.tokens[starts[:, None] + self._arange].astype(np.int64))
+
+
+class ResumableSampler(Sampler):
+    """Yields batch keys ``(epoch, i)`` for ``i`` in ``[start, num_batches)``; Lightning sets the epoch."""
+
+    def __init__(self, num_batches: int):
+        self.num_batches = num_batches
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self.start = self.start, 0  # a resumed start applies to one pass only
+        return ((self.epoch, i) for i in range(start, self.num_batches))
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints (it has ``state_dict``), so a resumed run continues mid-epoch.
+
+    ``consumed`` reports how many batches of the current epoch the training loop has finished; the
+    loader itself cannot count them, as workers and Lightning's fetcher read ahead.
+    """
+
+    def __init__(self, *args, consumed=lambda: 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed = consumed
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "consumed": int(self._consumed())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch = state["epoch"]
+        self.sampler.start = state["consumed"]
+
+
+class ValWindows(Dataset):
+    """Consecutive, non-overlapping windows over the validation tokens; this rank's share of them.
+
+    Window ``k`` starts at ``k * block_size``, so every token after the first is a target exactly
+    once. Rank ``r`` of ``w`` takes windows ``r, r + w, ...``: no duplicates, no gaps.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, rank: int = 0, world_size: int = 1):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.windows = range(rank, (len(tokens) - 1) // block_size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = self.windows[i] * self.block_size
+        return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# The DataModule.
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str | None = None,
+        tokenizer_path: str | None = None,
+        vocab_size: int = 4096,
+        block_size: int = 256,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        val_batch_size: int | None = None,
+        jsonl_field: str = "text",
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+    ):
+        """Text in, token batches out.
+
+        Args:
+            path: A UTF-8 text file, a folder (searched recursively for .txt, .md and .jsonl files) or a
+                glob. Unset: the built-in corpus, Python's reference documentation from ``pydoc_data``.
+            tokenizer_path: A ``tokenizer.json`` to use. Unset: train a byte-level BPE on the corpus.
+            vocab_size: Size of the tokenizer to train (ignored with ``tokenizer_path``); 257 is bytes only.
+            block_size: Tokens of context per training window (linked to ``model.block_size``).
+            batch_size: Windows per training batch.
+            val_fraction: The last fraction of each source's tokens, held out for validation.
+            val_batch_size: Windows per validation batch. Unset: ``batch_size``.
+            jsonl_field: The field of each .jsonl record that holds its text.
+            cache_dir: Where tokenizers and token caches are kept. Unset: ``$LM_LIGHTNING_CACHE``, else
+                ``~/.cache/lm_lightning``.
+            num_workers: DataLoader worker processes (0 reads in the training process).
+            seed: Seed of the random training windows.
+        """
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if value < 1:
+                raise DataError(f"data.{name}={value} must be a positive integer")
+        self.save_hyperparameters()
+        self.path = path
+        self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.jsonl_field = jsonl_field
+        self.cache_dir = Path(os.path.expanduser(cache_dir or os.environ.get("LM_LIGHTNING_CACHE", "~/.cache/lm_lightning")))
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = None
+        self.meta: dict = {}
+
+    # --- where things live ---------------------------------------------------------------
+
+    @property
+    def folder(self) -> Path:
+        """The cache folder of this corpus (the same whatever the tokenizer or split)."""
+        key = hashlib.sha256(json.dumps(self.path or BUILTIN_CORPUS).encode()).hexdigest()[:12]
+        name = "builtin" if self.path is None else Path(self.path.rstrip("/*")).name or "corpus"
+        return self.cache_dir / f"{name}-{key}"
+
+    def _expected_meta(self, sources: list[Source], tokenizer) -> dict:
+        builtin = {"python": sys.version.split()[0]} if self.path is None else {}
+        return {
+            "format": CACHE_FORMAT,
+            "sources": [s.fingerprint for s in sources],
+            "jsonl_field": self.jsonl_field,
+            "tokenizer": tokenizer_hash(tokenizer),
+            "val_fraction": self.val_fraction,
+            **builtin,
+        }
+
+    # --- prepare_data: once per node ------------------------------------------------------
+
+    def _tokenizer(self, sources: list[Source]):
+        """Load ``tokenizer_path``, or reuse / train the corpus's own tokenizer."""
+        if self.tokenizer_path:
+            return load_tokenizer(self.tokenizer_path)
+        path = self.folder / "tokenizer.json"
+        wanted = {"sources": [s.fingerprint for s in sources], "vocab_size": self.vocab_size, "jsonl_field": self.jsonl_field}
+        if _read_json(self.folder / "tokenizer.meta.json") == wanted and path.is_file():
+            return load_tokenizer(path)
+        tokenizer = train_tokenizer(iter_text(sources, self.jsonl_field), self.vocab_size)
+        (self.folder / "tokenizer.meta.json").unlink(missing_ok=True)
+        save_tokenizer(tokenizer, path)
+        _atomic_write_text(self.folder / "tokenizer.meta.json", json.dumps(wanted))
+        return tokenizer
+
+    def prepare_data(self) -> None:
+        """Train or load the tokenizer and build the token cache, unless a matching one exists."""
+        sources = resolve_sources(self.path)
+        with _locked(self.folder):
+            tokenizer = self._tokenizer(sources)
+            expected = self._expected_meta(sources, tokenizer)
+            meta = _read_json(self.folder / "meta.json")
+            if meta is None or {k: meta.get(k) for k in expected} != expected or not self._bins_match(meta):
+                built = tokenize_corpus(sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder)
+                meta = {**expected, **built, "tokenizer_json": tokenizer.to_str()}
+                _atomic_write_text(self.folder / "meta.json", json.dumps(meta))
+        self._check_sizes(meta)
+
+    def _bins_match(self, meta: dict) -> bool:
+        itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+        return all(
+            (self.folder / f"{split}.bin").is_file()
+            and (self.folder / f"{split}.bin").stat().st_size == meta.get(f"{split}_tokens", -1) * itemsize
+            for split in ("train", "val")
+        )
+
+    def _check_sizes(self, meta: dict) -> None:
+        where = "the built-in corpus" if self.path is None else f"data.path {self.path!r}"
+        if not meta["has_text"]:
+            raise DataError(f"{where} holds no text (empty or whitespace only); point data.path at a non-empty corpus")
+        need = self.block_size + 1
+        for split in ("train", "val"):
+            if meta[f"{split}_tokens"] < need:
+                raise DataError(
+                    f"{where} is too short: its {split} split has {meta[f'{split}_tokens']} tokens, fewer than one "
+                    f"window of block_size + 1 = {need}; use more text, a smaller model.block_size"
+                    + (", or a larger data.val_fraction" if split == "val" else "")
+                )
+
+    # --- setup: every process ---------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        meta = _read_json(self.folder / "meta.json")
+        if meta is None or not self._bins_match(meta):
+            raise DataError(f"no complete token cache in {self.folder}; run prepare_data() first (the Trainer does)")
+        self._check_sizes(meta)
+        self.meta = meta
+        self.tokenizer = tokenizer_from_str(meta["tokenizer_json"], source=str(self.folder / "meta.json"))
+        dtype = np.dtype(meta["dtype"])
+        self.tokens = {
+            split: np.memmap(self.folder / f"{split}.bin", dtype=dtype, mode="r", shape=(meta[f"{split}_tokens"],))
+            for split in ("train", "val")
+        }
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def token_byte_lengths(self) -> torch.Tensor:
+        """UTF-8 bytes per token id, for bits-per-byte."""
+        return torch.tensor([len(b) for b in token_bytes(self.tokenizer)], dtype=torch.long)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader_kwargs(self) -> dict:
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return dict(num_workers=self.num_workers, pin_memory=on_gpu, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, _ = self._rank_world()
+        tokens = self.tokens["train"]
+        dataset = TrainWindows(tokens, self.block_size, self.batch_size, self.seed, rank)
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps > 0:
+            # Training is step-based: one "epoch" is the whole run, so the progress bar counts steps.
+            num_batches = trainer.max_steps * trainer.accumulate_grad_batches
+        else:  # an epoch draws as many windows as the split has tokens
+            num_batches = max(1, len(tokens) // (self.batch_size * self.block_size))
+
+        def consumed() -> int:
+            # Batches of this epoch the fit loop has finished (the progress Lightning restores on resume).
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+        return ResumableLoader(dataset, sampler=ResumableSampler(num_batches), batch_size=None, consumed=consumed, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        dataset = ValWindows(self.tokens["val"], self.block_size, rank, world)
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,199 @@
+"""``LanguageModel``: the LightningModule around ``GPT`` — steps, loss, metrics, optimizer, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from lm_lightning.model import GPT, GPTConfig
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(
+        self,
+        block_size: int = 256,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 256,
+        dropout: float = 0.0,
+        bias: bool = True,
+        vocab_size: int | None = None,
+        learning_rate: float = 1e-3,
+        min_lr: float | None = None,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
+    ):
+        """A GPT trained by next-token prediction.
+
+        Args:
+            block_size: Longest context the model reads, in tokens.
+            n_layer: Transformer blocks.
+            n_head: Attention heads per block; must divide ``n_embd``.
+            n_embd: Width of the residual stream.
+            dropout: Dropout probability; 0 for short runs, 0.1-0.2 against overfitting a small corpus.
+            bias: Biases in linear layers and LayerNorms, as GPT-2.
+            vocab_size: Rows of the embedding. Unset: the tokenizer's vocabulary size.
+            learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
+            min_lr: Learning rate at the end of the cosine decay. Unset: ``learning_rate / 10``.
+            warmup_steps: Steps of linear warm-up from 0.
+            lr_decay_steps: Step at which the cosine decay reaches ``min_lr``. Unset: the Trainer's total steps.
+            weight_decay: AdamW weight decay on matrices (not on biases, norms or embeddings).
+            betas: AdamW betas.
+            compile: Compile the model with ``torch.compile`` (in place) before training.
+        """
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"model.learning_rate={learning_rate} must be positive, e.g. 1e-3")
+        if min_lr is not None and not 0 <= min_lr <= learning_rate:
+            raise ValueError(f"model.min_lr={min_lr} must be between 0 and model.learning_rate={learning_rate}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps={warmup_steps} must be >= 0")
+        GPTConfig(**self._shape(locals(), vocab_size or 1))  # reject a bad shape now, not after tokenizing
+        self.save_hyperparameters()
+        self.model: GPT | None = None
+        self.val_nats = SumMetric()
+        self.val_bytes = SumMetric()
+        self.val_tokens = SumMetric()
+        self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.tokenizer_json: str | None = None
+        if vocab_size is not None:
+            self._build(vocab_size)
+
+    @staticmethod
+    def _shape(args: dict, vocab_size: int) -> dict:
+        keys = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+        return {"vocab_size": vocab_size, **{k: args[k] for k in keys}}
+
+    def _build(self, vocab_size: int) -> None:
+        self.model = GPT(GPTConfig(**self._shape(self.hparams, vocab_size)))
+
+    # --- wiring to the data ----------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or datamodule.tokenizer is None:
+            return
+        n_tokens = datamodule.tokenizer_vocab_size
+        if self.hparams.vocab_size is None:
+            self.hparams.vocab_size = n_tokens
+        elif self.hparams.vocab_size < n_tokens:
+            source = datamodule.tokenizer_path or "the trained tokenizer"
+            raise ValueError(
+                f"model.vocab_size={self.hparams.vocab_size} is smaller than the vocabulary of {source} "
+                f"({n_tokens} tokens); unset model.vocab_size or set it to at least {n_tokens}"
+            )
+        if self.tokenizer_json is not None and self.tokenizer_json != datamodule.tokenizer.to_str():
+            raise ValueError(
+                "the checkpoint's tokenizer differs from the data's tokenizer; set data.tokenizer_path to the "
+                "tokenizer the checkpoint was trained with (lm-lightning saves it in the run's artifacts)"
+            )
+        self.tokenizer_json = datamodule.tokenizer.to_str()
+        self.token_bytes = datamodule.token_byte_lengths().to(self.device)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            if self.hparams.vocab_size is None:
+                raise ValueError("model.vocab_size is unknown: set it, or train with a datamodule that has a tokenizer")
+            self._build(self.hparams.vocab_size)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            # Compile the inner model in place: torch.compile(lightning_module) fails inside self.log.
+            self.model.compile()
+            self._compiled = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokenizer_json"] = self.tokenizer_json  # a plain str: loads with weights_only=True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokenizer_json = checkpoint.get("tokenizer_json")
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _token_losses(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.model(inputs)
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        return losses, targets
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        losses, _ = self._token_losses(batch)
+        loss = losses.mean()
+        # A tensor, not a float: Lightning reads it back only when it logs (every log_every_n_steps).
+        self.log("train/loss", loss, prog_bar=True)
+        # One name for one schedule (LearningRateMonitor would log "lr-AdamW/pg1" and "/pg2").
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        losses, targets = self._token_losses(batch)
+        self.val_nats.update(losses.sum())
+        self.val_tokens.update(losses.numel())
+        self.val_bytes.update(self.token_bytes[targets].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics sums across processes, so every rank logs the values of the whole split.
+        nats, n_tokens, n_bytes = self.val_nats.compute(), self.val_tokens.compute(), self.val_bytes.compute()
+        loss = nats / n_tokens
+        self.log_dict(
+            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": nats / math.log(2) / n_bytes.clamp(min=1)},
+            prog_bar=True,
+        )
+        for metric in (self.val_nats, self.val_tokens, self.val_bytes):
+            metric.reset()
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # --- optimizer ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # Decay matrices only: biases, LayerNorm weights and embeddings keep their scale (GPT-2, nanoGPT).
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # A fused AdamW unscales fp16 gradients itself, after clipping would have seen them scaled.
+        fused = self.device.type in ("cuda", "cpu") and self.trainer.precision not in ("16-mixed", "16-true")
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
+        total = hp.lr_decay_steps or int(self.trainer.estimated_stepping_batches)
+        min_ratio = (hp.min_lr if hp.min_lr is not None else hp.learning_rate / 10) / hp.learning_rate
+        schedule = warmup_cosine(hp.warmup_steps, total, min_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, even under bf16
+        # where no gradient scaler is involved (lightning/pytorch/plugins/precision/amp.py,
+        # clip_gradients); gradients here are already unscaled, so clip them directly.
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear from 0 over ``warmup_steps``, then cosine down to ``min_ratio`` at ``total_steps``."""
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule

@@ -1,0 +1,81 @@
+"""Shared fixtures: small real corpora, a temporary MLflow store and cache, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Short public-domain Chinese poems (Tang dynasty), written out here so the tests need no data files.
+CHINESE = (
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。\n"
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n"
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。\n"
+    "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。\n"
+    "红豆生南国，春来发几枝。愿君多采撷，此物最相思。\n"
+)
+
+TINY_CONFIG = """
+seed_everything: 7
+model:
+  block_size: 32
+  n_layer: 2
+  n_head: 2
+  n_embd: 32
+  learning_rate: 3.0e-3
+  warmup_steps: 5
+data:
+  vocab_size: 320
+  batch_size: 8
+trainer:
+  max_steps: 30
+  val_check_interval: 10
+  log_every_n_steps: 5
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  precision: 32-true
+"""
+
+
+def english_text(n_bytes: int = 60_000) -> str:
+    """Real English prose: the start of Python's reference documentation that ships with CPython."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    return text[:n_bytes]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test runs in its own folder, with its own MLflow store and token cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("LM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(english_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONFIG, encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``lm-lightning`` console script in a subprocess."""
+    exe = Path(sys.executable).with_name("lm-lightning")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)

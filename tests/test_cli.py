@@ -1,0 +1,139 @@
+"""The real ``lm-lightning`` command in subprocesses, with a real MLflow store and real checkpoints."""
+
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+
+def test_fast_dev_run_through_the_cli(corpus, tiny_config):
+    result = run_cli("fit", "--config", str(tiny_config), "--data.path", str(corpus), "--trainer.fast_dev_run", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fast_dev_run" in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short real run (30 steps of a tiny model), shared by the assertions below."""
+    import os
+
+    from conftest import TINY_CONFIG, english_text
+
+    root = tmp_path_factory.mktemp("run")
+    (root / "corpus.txt").write_text(english_text(), encoding="utf-8")
+    (root / "tiny.yaml").write_text(TINY_CONFIG, encoding="utf-8")
+    old = os.getcwd()
+    os.chdir(root)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "LM_LIGHTNING_CACHE": str(root / "cache")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = run_cli("fit", "--config", "tiny.yaml", "--data.path", "corpus.txt", "--trainer.logger.init_args.experiment_name", "tests")
+    finally:
+        os.chdir(old)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("tests")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return root, result, client, run
+
+
+def test_short_run_is_recorded_in_mlflow(trained):
+    root, result, client, run = trained
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.n_layer"] == "2" and params["data.batch_size"] == "8" and params["trainer.max_steps"] == "30"
+    for key in ("val/loss", "val/ppl", "val/bpb", "train/loss", "train/tokens_per_s", "lr"):
+        assert key in run.data.metrics, key
+    tags = run.data.tags
+    assert int(tags["n_params"]) > 0 and len(tags["corpus_sha256"]) == 64
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "tokenizer", "best"} <= artifacts
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(root))
+    assert "n_layer: 2" in open(config).read()
+    assert f"MLflow run: {run.info.run_id}" in result.stdout
+
+
+def test_training_loss_falls(trained):
+    _, _, client, run = trained
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) >= 5
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_bpb_is_loss_in_bits_per_byte(trained):
+    _, _, client, run = trained
+    loss, ppl, bpb = (run.data.metrics[k] for k in ("val/loss", "val/ppl", "val/bpb"))
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-4)
+    bytes_per_token = loss / math.log(2) / bpb  # a tiny 320-token BPE: a little over one byte per token
+    assert 1.0 < bytes_per_token < 4.0
+
+
+def test_best_checkpoint_reloads_and_reproduces_its_val_loss(trained):
+    root, result, client, run = trained
+    best = run.data.tags["best_checkpoint"]
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)  # plain containers only
+    best_score = ckpt["callbacks"][next(k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]
+    validated = run_cli(
+        "validate", "--config", str(root / "tiny.yaml"), "--data.path", str(root / "corpus.txt"),
+        "--data.cache_dir", str(root / "cache"), "--ckpt_path", best,
+        "--trainer.logger.init_args.tracking_uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--trainer.logger.init_args.experiment_name", "tests-validate",
+    )
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    experiment = client.get_experiment_by_name("tests-validate")
+    (vrun,) = client.search_runs([experiment.experiment_id])
+    assert vrun.data.metrics["val/loss"] == pytest.approx(float(best_score), abs=1e-5)
+
+
+def test_config_key_typo_is_rejected(tiny_config):
+    result = run_cli("fit", "--config", str(tiny_config), "--model.n_layr", "3")
+    assert result.returncode != 0
+    assert "n_layr" in result.stderr
+
+
+def test_config_wrong_type_is_rejected(tiny_config):
+    result = run_cli("fit", "--config", str(tiny_config), "--trainer.max_steps", "abc")
+    assert result.returncode != 0 and "max_steps" in result.stderr
+
+
+def test_print_config_resolves_omegaconf_interpolation(tmp_path, tiny_config):
+    extra = tmp_path / "interp.yaml"
+    extra.write_text("model:\n  n_embd: 48\n  n_head: 3\ndata:\n  batch_size: ${model.n_head}\n")
+    result = run_cli("fit", "--config", str(tiny_config), "--config", str(extra), "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "n_embd: 48" in result.stdout and "batch_size: 3" in result.stdout
+    assert "block_size: 32" in result.stdout  # the first file still applies: configs compose
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.n_embd", "30", "--model.n_head", "4"], "n_embd=30 is not divisible by n_head=4"),
+        (["--data.path", "does/not/exist.txt"], "does not exist"),
+        (["--model.learning_rate", "-1"], "learning_rate=-1.0 must be positive"),
+        (["--data.val_fraction", "0"], "val_fraction=0.0 must be between 0 and 1"),
+    ],
+)
+def test_bad_input_gets_one_line_error(tiny_config, args, message):
+    result = run_cli("fit", "--config", str(tiny_config), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+
+
+def test_tokenizer_with_more_tokens_than_model_vocab_is_refused(tmp_path, corpus, tiny_config):
+    from lm_lightning.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer([corpus.read_text()], 400), tmp_path / "tok.json")
+    result = run_cli(
+        "fit", "--config", str(tiny_config), "--data.path", str(corpus),
+        "--data.tokenizer_path", str(tmp_path / "tok.json"), "--model.vocab_size", "300",
+    )
+    assert result.returncode == 2
+    assert "model.vocab_size=300 is smaller than the vocabulary" in result.stderr.strip().splitlines()[-1]

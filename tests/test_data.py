@@ -1,0 +1,156 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lm_lightning.data import DataError, ResumableSampler, TextDataModule, TrainWindows, ValWindows, resolve_sources
+from lm_lightning.tokenizer import EOT, save_tokenizer, train_tokenizer
+
+from conftest import CHINESE, english_text
+
+
+def prepared(path, **kwargs) -> TextDataModule:
+    dm = TextDataModule(path=str(path) if path else None, **{"vocab_size": 300, "block_size": 16, "batch_size": 4, **kwargs})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_file_folder_and_glob_sources(tmp_path):
+    folder = tmp_path / "texts"
+    (folder / "deep").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha " * 50)
+    (folder / "deep" / "b.md").write_text("beta " * 50)
+    (folder / "deep" / "c.jsonl").write_text(json.dumps({"text": "gamma " * 50}) + "\n")
+    (folder / "ignored.bin").write_bytes(b"\x00\x01")
+    names = lambda sources: sorted(os.path.basename(s.path) for s in sources)  # noqa: E731
+    assert names(resolve_sources(str(folder))) == ["a.txt", "b.md", "c.jsonl"]
+    assert names(resolve_sources(str(folder / "a.txt"))) == ["a.txt"]
+    assert names(resolve_sources(str(folder / "**" / "*.md"))) == ["b.md"]
+    assert resolve_sources(None)[0].path == "builtin:pydoc_data"
+
+
+def test_documents_are_separated_by_end_of_text_and_split_per_source(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    records = [{"text": f"document number {i}. " * 20} for i in range(10)]
+    (folder / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (folder / "plain.txt").write_text(english_text(5_000))
+    dm = prepared(folder, val_fraction=0.2)
+    eot = dm.tokenizer.token_to_id(EOT)
+    train, val = np.asarray(dm.tokens["train"]), np.asarray(dm.tokens["val"])
+    assert (np.concatenate([train, val]) == eot).sum() == 11  # ten records + one text file
+    # Each source contributes its own last 20% to validation: the jsonl's tail and the text's tail.
+    decoded_val = dm.tokenizer.decode(val.tolist(), skip_special_tokens=False)
+    assert "document number 9." in decoded_val and "document number 0." not in decoded_val
+    assert english_text(5_000)[-200:] in decoded_val
+    assert dm.meta["val_tokens"] == pytest.approx(0.2 * (dm.meta["train_tokens"] + dm.meta["val_tokens"]), abs=2)
+
+
+def test_validation_is_the_tail_and_never_overlaps_training(corpus):
+    dm = prepared(corpus)
+    text = corpus.read_text()
+    train_text = dm.tokenizer.decode(np.asarray(dm.tokens["train"]).tolist())
+    val_text = dm.tokenizer.decode(np.asarray(dm.tokens["val"]).tolist())
+    assert train_text + val_text == text
+    assert text.startswith(train_text) and len(val_text) == pytest.approx(0.1 * len(text), rel=0.1)
+
+
+def test_cache_is_reused_and_rebuilt_when_corpus_or_tokenizer_changes(corpus, tmp_path):
+    dm = prepared(corpus)
+    train_bin = dm.folder / "train.bin"
+    first = train_bin.stat().st_mtime_ns
+    prepared(corpus)
+    assert train_bin.stat().st_mtime_ns == first, "an unchanged corpus must reuse the cache"
+
+    corpus.write_text(corpus.read_text() + "\nA new paragraph at the end.\n")
+    dm2 = prepared(corpus)
+    assert train_bin.stat().st_mtime_ns != first, "a changed corpus must rebuild the cache"
+    assert dm2.meta["corpus_sha256"] != dm.meta["corpus_sha256"]
+
+    other = tmp_path / "other-tokenizer.json"
+    save_tokenizer(train_tokenizer([CHINESE], vocab_size=280), other)
+    dm3 = prepared(corpus, tokenizer_path=str(other))
+    assert dm3.meta["tokenizer"] != dm2.meta["tokenizer"] and dm3.tokenizer.get_vocab_size() == 280
+
+
+def test_a_half_written_cache_is_never_taken_for_whole(corpus):
+    dm = prepared(corpus)
+    meta = json.loads((dm.folder / "meta.json").read_text())
+    # A run killed while writing: the token file is shorter than its meta says.
+    with open(dm.folder / "train.bin", "r+b") as f:
+        f.truncate(100)
+    dm2 = prepared(corpus)
+    assert dm2.meta["train_tokens"] == meta["train_tokens"]
+    assert (dm.folder / "train.bin").stat().st_size == meta["train_tokens"] * 2
+    assert not list(dm.folder.glob(".*.tmp")), "no temporary files may be left behind"
+
+
+def test_train_windows_are_deterministic_per_key_and_rank():
+    tokens = np.arange(1000, dtype=np.uint16)
+    ds = TrainWindows(tokens, block_size=8, batch_size=4, seed=1)
+    a, b = ds[(0, 3)], ds[(0, 3)]
+    assert a.shape == (4, 9) and a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert not torch.equal(a, ds[(0, 4)]) and not torch.equal(a, ds[(1, 3)])
+    assert not torch.equal(a, TrainWindows(tokens, 8, 4, seed=1, rank=1)[(0, 3)])
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 8, dtype=torch.long))  # contiguous windows
+
+
+def test_sampler_resumes_mid_epoch_once():
+    sampler = ResumableSampler(num_batches=5)
+    sampler.set_epoch(2)
+    sampler.start = 3
+    assert list(sampler) == [(2, 3), (2, 4)]
+    assert list(sampler) == [(2, i) for i in range(5)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_validation_windows_cover_every_target_once_across_ranks(world_size):
+    tokens = np.arange(103, dtype=np.uint16)
+    targets = []
+    for rank in range(world_size):
+        ds = ValWindows(tokens, block_size=10, rank=rank, world_size=world_size)
+        targets += [t for i in range(len(ds)) for t in ds[i][1:].tolist()]
+    assert sorted(targets) == list(range(1, 101))  # 10 windows of 10 targets, the 2-token remainder dropped
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p / "missing.txt", "does not exist"),
+        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "has no .txt/.md/.jsonl files"),
+        (lambda p: p / "*.nothing", "matches no files"),
+        (lambda p: (p / "e.txt").write_text("") and None or p / "e.txt", "holds no text"),
+        (lambda p: (p / "w.txt").write_text(" \n\t\n  \r\n") and p / "w.txt", "holds no text"),
+        (lambda p: (p / "s.txt").write_text("too short") and p / "s.txt", "too short"),
+        (lambda p: (p / "j.jsonl").write_text('{"text": "ok"}\n{broken\n') and p / "j.jsonl", "line 2 is not JSON"),
+        (lambda p: (p / "k.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n') and p / "k.jsonl", "line 2 has no string 'text' field"),
+    ],
+)
+def test_bad_corpora_get_one_line_errors(tmp_path, setup, message):
+    path = setup(tmp_path)
+    with pytest.raises(DataError, match=message) as info:
+        prepared(path)
+    assert "\n" not in str(info.value)
+
+
+def test_non_utf8_names_file_and_byte_offset(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("plain ascii line\n".encode() * 3 + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8: undecodable byte 0xe9 at byte offset 54"):
+        prepared(path)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_val_fraction_must_be_inside_zero_one(fraction):
+    with pytest.raises(DataError, match="val_fraction"):
+        TextDataModule(val_fraction=fraction)
+
+
+def test_builtin_corpus_needs_no_files():
+    dm = prepared(None, vocab_size=400, block_size=64)
+    assert dm.meta["train_tokens"] > 50_000
+    assert "Python" in dm.tokenizer.decode(np.asarray(dm.tokens["val"][:2000]).tolist())
