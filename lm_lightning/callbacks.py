@@ -11,22 +11,31 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lm_lightning.hardware import peak_flops, precision_dtype
+
 
 class TokensPerSecond(L.Callback):
-    """Logs ``train/tokens_per_s`` over each ``log_every_n_steps`` window of training (validation excluded).
+    """Logs ``train/tokens_per_s`` and ``train/mfu`` (model FLOPs utilisation) over each
+    ``log_every_n_steps`` window of training, validation excluded.
 
     Wall time between logging steps needs no device sync: over a window of many steps the queue of
-    asynchronous work stays bounded, so the average is right without stalling every step.
+    asynchronous work stays bounded, so the average is right without stalling every step. MFU is
+    the model's training FLOPs (6N + attention, per token) over the device's peak: a datasheet value
+    for known GPUs, else a matmul measured on this machine.
     """
 
     def __init__(self) -> None:
         self._start: float | None = None
         self._tokens = 0
+        self._peak = 0.0
 
     def _reset(self) -> None:
         self._start, self._tokens = time.perf_counter(), 0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._peak, source = peak_flops(pl_module.device, precision_dtype(trainer.precision))
+        if trainer.is_global_zero:
+            print(f"peak {self._peak / 1e12:.2f} TFLOP/s per device ({source}) for train/mfu")
         self._reset()
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -37,7 +46,10 @@ class TokensPerSecond(L.Callback):
         if self._start is not None and (trainer.global_step % trainer.log_every_n_steps == 0):
             elapsed = time.perf_counter() - self._start
             if elapsed > 0:
-                pl_module.log("train/tokens_per_s", self._tokens / elapsed, prog_bar=True, rank_zero_only=True)
+                tokens_per_s = self._tokens / elapsed
+                flops = pl_module.model.flops_per_token(batch.shape[1] - 1) * tokens_per_s / trainer.world_size
+                pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
+                pl_module.log("train/mfu", flops / self._peak, rank_zero_only=True)
             self._reset()
 
 

@@ -41,7 +41,8 @@ BUILTIN_CORPUS = "builtin:pydoc_data"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 CACHE_FORMAT = 1
 _READ_BLOCK = 8 << 20  # bytes read at a time: bounded memory whatever the file size
-_ENCODE_BATCH = 1024  # text pieces per encode_batch call (tokenizers runs a batch on all cores)
+_PIECE_CHARS = 16 << 10  # characters per piece of text handed to the tokenizer
+_ENCODE_BATCH = 256  # pieces per encode_batch call (tokenizers encodes a batch on all cores)
 
 
 class DataError(ValueError):
@@ -68,7 +69,8 @@ class Source:
 def resolve_sources(path: str | None) -> list[Source]:
     """The files ``path`` names: a file, a folder (recursively), or a glob; ``None``: the built-in corpus."""
     if path is None:
-        return [Source(BUILTIN_CORPUS, 0, 0)]
+        # Each topic is its own source, so validation holds the tail of every topic.
+        return [Source(f"{BUILTIN_CORPUS}/{topic}", len(text), 0) for topic, text in _builtin_topics()]
     expanded = os.path.expanduser(path)
     if glob_chars := any(c in expanded for c in "*?["):
         files = sorted(p for p in globlib.glob(expanded, recursive=True) if os.path.isfile(p))
@@ -90,12 +92,11 @@ def resolve_sources(path: str | None) -> list[Source]:
     return sources
 
 
-def _builtin_documents() -> Iterator[str]:
-    """The Python reference documentation that ships with CPython (``pydoc_data.topics``), one topic a document."""
+def _builtin_topics() -> list[tuple[str, str]]:
+    """The Python reference documentation that ships with CPython (``pydoc_data.topics``), by topic."""
     from pydoc_data.topics import topics
 
-    for key in sorted(topics):
-        yield topics[key]
+    return sorted(topics.items())
 
 
 def _decode(block: bytes, path: str, offset: int) -> str:
@@ -108,8 +109,8 @@ def _decode(block: bytes, path: str, offset: int) -> str:
         ) from None
 
 
-def _read_text_pieces(path: str) -> Iterator[str]:
-    """Stream a text file as pieces cut at line ends, reading ``_READ_BLOCK`` bytes at a time."""
+def _read_blocks(path: str) -> Iterator[str]:
+    """Stream a text file as decoded blocks of about ``_READ_BLOCK`` bytes, each cut at a line end."""
     offset = 0
     rest = b""
     with open(path, "rb") as f:
@@ -120,14 +121,30 @@ def _read_text_pieces(path: str) -> Iterator[str]:
                 rest = block
                 continue
             rest = block[cut:]
-            yield from _decode(block[:cut], path, offset).splitlines(keepends=True)
+            yield _decode(block[:cut], path, offset)
             offset += cut
     if rest:
-        yield from _decode(rest, path, offset).splitlines(keepends=True)
+        yield _decode(rest, path, offset)
+
+
+def _read_lines(path: str) -> Iterator[str]:
+    for block in _read_blocks(path):
+        yield from block.splitlines(keepends=True)
+
+
+def _read_pieces(path: str) -> Iterator[str]:
+    """Stream a text file as pieces of about ``_PIECE_CHARS`` characters cut at line ends: big
+    enough that per-piece Python overhead vanishes, small enough to spread over all cores."""
+    for block in _read_blocks(path):
+        start = 0
+        while start < len(block):
+            end = block.find("\n", start + _PIECE_CHARS) + 1 or len(block)
+            yield block[start:end]
+            start = end
 
 
 def _read_jsonl_documents(path: str, field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_read_text_pieces(path), start=1):
+    for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -143,20 +160,29 @@ def _read_jsonl_documents(path: str, field: str) -> Iterator[str]:
 
 def iter_documents(source: Source, jsonl_field: str) -> Iterator[Iterable[str]]:
     """Yield each document of ``source`` as an iterable of text pieces (a text file's lines)."""
-    if source.path == BUILTIN_CORPUS:
-        for doc in _builtin_documents():
-            yield [doc]
+    if source.path.startswith(BUILTIN_CORPUS):
+        yield [dict(_builtin_topics())[source.path.split("/", 1)[1]]]
     elif source.path.lower().endswith(".jsonl"):
         for doc in _read_jsonl_documents(source.path, jsonl_field):
             yield [doc]
     else:
-        yield _read_text_pieces(source.path)
+        yield _read_pieces(source.path)
 
 
-def iter_text(sources: list[Source], jsonl_field: str) -> Iterator[str]:
+def iter_sample(sources: list[Source], jsonl_field: str, max_chars: int) -> Iterator[str]:
+    """Text to train the tokenizer on: every source's beginning, ``max_chars`` characters in all,
+    shared equally between sources, so a huge corpus trains its tokenizer in bounded time."""
+    share = max(1, max_chars // len(sources))
     for source in sources:
+        taken = 0
         for doc in iter_documents(source, jsonl_field):
-            yield from doc
+            for piece in doc:
+                yield piece
+                taken += len(piece)
+                if taken >= share:
+                    break
+            if taken >= share:
+                break
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +218,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+def _copy_bytes(src, dst, n: int) -> None:
+    """Copy ``n`` bytes with plain reads: a memmap would grow resident memory with the file."""
+    while n > 0:
+        chunk = src.read(min(n, _READ_BLOCK))
+        dst.write(chunk)
+        n -= len(chunk)
+
+
 def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path) -> dict:
     """Tokenize every source into ``folder``/{train,val}.bin; return the meta that describes them.
 
@@ -216,21 +250,22 @@ def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path)
                     for doc in iter_documents(source, jsonl_field):
                         for batch in iter_batches(doc, _ENCODE_BATCH):
                             for text in batch:
-                                corpus_hash.update(text.encode("utf-8"))
-                                has_text = has_text or bool(text.strip())
-                            ids = [i for enc in tokenizer.encode_batch(batch, add_special_tokens=False) for i in enc.ids]
-                            np.asarray(ids, dtype=dtype).tofile(scratch)
+                                data = text.encode("utf-8")
+                                corpus_hash.update(data)
+                                progress.update(len(data))
+                                has_text = has_text or (bool(text) and not text.isspace())
+                            encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+                            ids = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
+                            ids.tofile(scratch)
                             n += len(ids)
-                            progress.update(sum(len(t.encode("utf-8")) for t in batch) if not progress.disable else 0)
                         np.asarray([eot], dtype=dtype).tofile(scratch)
                         n += 1
-                tokens = np.memmap(scratch_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
                 n_val = int(round(n * val_fraction))
-                tokens[: n - n_val].tofile(train_f)
-                tokens[n - n_val :].tofile(val_f)
+                with open(scratch_path, "rb") as scratch:
+                    _copy_bytes(scratch, train_f, (n - n_val) * dtype.itemsize)
+                    _copy_bytes(scratch, val_f, n_val * dtype.itemsize)
                 counts["train"] += n - n_val
                 counts["val"] += n_val
-                del tokens
                 scratch_path.unlink()
             for f in (train_f, val_f):
                 f.flush()
@@ -345,6 +380,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         val_batch_size: int | None = None,
         jsonl_field: str = "text",
+        tokenizer_sample_chars: int = 100_000_000,
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 1337,
@@ -361,6 +397,8 @@ class TextDataModule(L.LightningDataModule):
             val_fraction: The last fraction of each source's tokens, held out for validation.
             val_batch_size: Windows per validation batch. Unset: ``batch_size``.
             jsonl_field: The field of each .jsonl record that holds its text.
+            tokenizer_sample_chars: Characters of the corpus the tokenizer is trained on (shared equally
+                between files); the whole corpus is tokenized with it.
             cache_dir: Where tokenizers and token caches are kept. Unset: ``$LM_LIGHTNING_CACHE``, else
                 ``~/.cache/lm_lightning``.
             num_workers: DataLoader worker processes (0 reads in the training process).
@@ -381,6 +419,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.val_fraction = val_fraction
         self.jsonl_field = jsonl_field
+        self.tokenizer_sample_chars = tokenizer_sample_chars
         self.cache_dir = Path(os.path.expanduser(cache_dir or os.environ.get("LM_LIGHTNING_CACHE", "~/.cache/lm_lightning")))
         self.num_workers = num_workers
         self.seed = seed
@@ -414,10 +453,15 @@ class TextDataModule(L.LightningDataModule):
         if self.tokenizer_path:
             return load_tokenizer(self.tokenizer_path)
         path = self.folder / "tokenizer.json"
-        wanted = {"sources": [s.fingerprint for s in sources], "vocab_size": self.vocab_size, "jsonl_field": self.jsonl_field}
+        wanted = {
+            "sources": [s.fingerprint for s in sources],
+            "vocab_size": self.vocab_size,
+            "jsonl_field": self.jsonl_field,
+            "sample_chars": self.tokenizer_sample_chars,
+        }
         if _read_json(self.folder / "tokenizer.meta.json") == wanted and path.is_file():
             return load_tokenizer(path)
-        tokenizer = train_tokenizer(iter_text(sources, self.jsonl_field), self.vocab_size)
+        tokenizer = train_tokenizer(iter_sample(sources, self.jsonl_field, self.tokenizer_sample_chars), self.vocab_size)
         (self.folder / "tokenizer.meta.json").unlink(missing_ok=True)
         save_tokenizer(tokenizer, path)
         _atomic_write_text(self.folder / "tokenizer.meta.json", json.dumps(wanted))

@@ -1,0 +1,157 @@
+"""Training throughput: lm_lightning against a minimal plain-PyTorch loop, same model, same batches.
+
+    python benchmarks/train_throughput.py                       # small and medium shapes, fp32 and bf16
+    python benchmarks/train_throughput.py --shapes small --precisions 32-true --compile
+
+For each shape and precision it runs, in this one process and alternating, a plain loop (forward,
+loss, backward, clip, fused AdamW step, LR schedule) and `lightning.Trainer.fit` on `LanguageModel`
+as the CLI configures it (MLflow logging to a temporary store, our throughput callback; no
+validation, checkpoints or progress bar). It reports tokens/s (median of windows after warm-up),
+achieved FLOP/s, MFU against the peak measured here, and the ratio lm_lightning / plain loop:
+Lightning's overhead. Prints a table, then the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lm_lightning.callbacks import TokensPerSecond
+from lm_lightning.data import ResumableLoader, ResumableSampler, TrainWindows
+from lm_lightning.hardware import peak_flops, precision_dtype
+from lm_lightning.logger import MLflowLogger
+from lm_lightning.module import LanguageModel, warmup_cosine
+
+SHAPES = {
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+    "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=12),
+}
+VOCAB = 512
+
+
+class WindowTimer(L.Callback):
+    """Wall time of every ``window`` training steps."""
+
+    def __init__(self, window: int):
+        self.window, self.times = window, []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step % self.window == 0:
+            self.times.append(time.perf_counter())
+
+
+def batches(shape: dict, steps: int) -> ResumableLoader:
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=2_000_000, dtype=np.uint16)
+    dataset = TrainWindows(tokens, shape["block_size"], shape["batch_size"], seed=0)
+    return ResumableLoader(dataset, sampler=ResumableSampler(steps), batch_size=None)
+
+
+def model_args(shape: dict, compile: bool) -> dict:
+    keys = ("n_layer", "n_head", "n_embd", "block_size")
+    return dict(vocab_size=VOCAB, warmup_steps=10, dropout=0.0, compile=compile, **{k: shape[k] for k in keys})
+
+
+def window_rates(times: list[float], tokens_per_step: int, window: int, warmup_windows: int) -> list[float]:
+    gaps = np.diff(times)[warmup_windows:]
+    return [tokens_per_step * window / g for g in gaps]
+
+
+def plain_loop(shape: dict, steps: int, window: int, precision: str, compile: bool) -> list[float]:
+    torch.manual_seed(0)
+    module = LanguageModel(**model_args(shape, False))
+    model = module.model
+    if compile:
+        model.compile()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95), fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10, steps, 0.1))
+    dtype = precision_dtype(precision)
+    times = []
+    model.train()
+    for step, batch in enumerate(batches(shape, steps), start=1):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % window == 0:
+            times.append(time.perf_counter())
+    return times
+
+
+def lightning_loop(shape: dict, steps: int, window: int, precision: str, compile: bool, tmp: Path) -> list[float]:
+    torch.manual_seed(0)
+    module = LanguageModel(**model_args(shape, compile))
+    timer = WindowTimer(window)
+    trainer = L.Trainer(
+        max_steps=steps, precision=precision, gradient_clip_val=1.0, log_every_n_steps=10,
+        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        logger=MLflowLogger(experiment_name="benchmark", tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", log_model=False),
+        callbacks=[TokensPerSecond(), timer], default_root_dir=tmp,
+    )
+    trainer.fit(module, train_dataloaders=batches(shape, steps))
+    return timer.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 300 small, 60 medium)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_float32_matmul_precision("high")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape_name in args.shapes:
+            shape = SHAPES[shape_name]
+            steps = args.steps or (300 if shape_name == "small" else 60)
+            window = max(1, steps // 15)
+            tokens_per_step = shape["batch_size"] * shape["block_size"]
+            flops_per_token = LanguageModel(**model_args(shape, False)).model.flops_per_token(shape["block_size"])
+            for precision in args.precisions:
+                for compile in [False, True] if args.compile else [False]:
+                    peak, source = peak_flops(torch.device("cpu"), precision_dtype(precision))
+                    rates = {"plain": [], "lm_lightning": []}
+                    for _ in range(args.repeats):
+                        times = plain_loop(shape, steps, window, precision, compile)
+                        rates["plain"] += window_rates(times, tokens_per_step, window, 2)
+                        times = lightning_loop(shape, steps, window, precision, compile, Path(tmp))
+                        rates["lm_lightning"] += window_rates(times, tokens_per_step, window, 2)
+                    plain, ours = (statistics.median(rates[k]) for k in ("plain", "lm_lightning"))
+                    rows.append({
+                        "shape": shape_name, "precision": precision, "compile": compile,
+                        "plain_tokens_per_s": round(plain), "lm_lightning_tokens_per_s": round(ours),
+                        "ratio": round(ours / plain, 3),
+                        "achieved_gflops": round(ours * flops_per_token / 1e9, 1),
+                        "peak_gflops": round(peak / 1e9, 1), "peak_source": source,
+                        "mfu": round(ours * flops_per_token / peak, 4),
+                    })
+                    print(json.dumps(rows[-1]), flush=True)
+    cols = ["shape", "precision", "compile", "plain_tokens_per_s", "lm_lightning_tokens_per_s", "ratio", "achieved_gflops", "peak_gflops", "mfu"]
+    print("\n" + " | ".join(cols))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in cols))
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
