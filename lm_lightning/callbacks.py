@@ -128,6 +128,13 @@ class MLflowRunInfo(L.Callback):
         self._log_run_info(trainer, pl_module)
 
     @rank_zero_only
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # When the first step starts (after data preparation and setup): time-to-quality is measured from here.
+        logger = mlflow_logger(trainer)
+        if logger is not None and trainer.global_step == 0 and batch_idx == 0:
+            logger.experiment.set_tag(logger.run_id, "train_start_ms", str(int(time.time() * 1000)))
+
+    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
         logger = mlflow_logger(trainer)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

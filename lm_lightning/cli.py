@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 
@@ -76,6 +77,8 @@ USER_ERRORS = (DataError, TokenizerError, CheckpointError, ValueError, FileNotFo
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lm-lightning``."""
+    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, on every step it logs.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         LMCLI(
             LanguageModel,

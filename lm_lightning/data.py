@@ -45,6 +45,11 @@ _PIECE_CHARS = 16 << 10  # characters per piece of text handed to the tokenizer
 _ENCODE_BATCH = 256  # pieces per encode_batch call (tokenizers encodes a batch on all cores)
 
 
+def cache_root() -> Path:
+    """Where tokenizers, token caches and compiled kernels are kept: ``$LM_LIGHTNING_CACHE`` or ``~/.cache/lm_lightning``."""
+    return Path(os.path.expanduser(os.environ.get("LM_LIGHTNING_CACHE", "~/.cache/lm_lightning")))
+
+
 class DataError(ValueError):
     """Bad corpus or data configuration; the message names the problem and the fix."""
 
@@ -420,7 +425,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.jsonl_field = jsonl_field
         self.tokenizer_sample_chars = tokenizer_sample_chars
-        self.cache_dir = Path(os.path.expanduser(cache_dir or os.environ.get("LM_LIGHTNING_CACHE", "~/.cache/lm_lightning")))
+        self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else cache_root()
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer = None

@@ -72,3 +72,15 @@ def test_sequence_longer_than_block_size_is_refused(model):
 def test_bad_shapes_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**kwargs)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(model):
+    idx = torch.randint(0, 97, (2, 16))
+    model.train()
+    model(idx).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    model(idx).sum().backward()
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
