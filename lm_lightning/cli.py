@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from jsonargparse import lazy_instance
 
@@ -25,6 +25,12 @@ class LMCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision in (None, "auto"):
             config.trainer.precision = auto_precision(config.trainer.accelerator)
+        # Lightning picks RichProgressBar whenever `rich` happens to be installed, which shows
+        # "Epoch 0/-2" for step-based runs; choose the bar here so it does not depend on the environment.
+        if config.trainer.enable_progress_bar is not False and not any(
+            "ProgressBar" in str(getattr(c, "class_path", c)) for c in config.trainer.callbacks or []
+        ):
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], TQDMProgressBar()]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.block_size", "data.block_size")
@@ -89,7 +95,8 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,  # LanguageModel.configure_optimizers owns AdamW and its schedule
             save_config_callback=MLflowConfig,
             save_config_kwargs={"save_to_log_dir": False},
-            parser_kwargs={"parser_mode": "omegaconf"},
+            # allow_abbrev=False: argparse would otherwise take --trainer.max_step for --trainer.max_steps.
+            parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
             args=args,
         )
     except USER_ERRORS as e:

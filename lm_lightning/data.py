@@ -269,6 +269,9 @@ def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path)
                 with open(scratch_path, "rb") as scratch:
                     _copy_bytes(scratch, train_f, (n - n_val) * dtype.itemsize)
                     _copy_bytes(scratch, val_f, n_val * dtype.itemsize)
+                if n_val:  # the training part stops mid-document: close it, so the next source starts clean
+                    np.asarray([eot], dtype=dtype).tofile(train_f)
+                    counts["train"] += 1
                 counts["train"] += n - n_val
                 counts["val"] += n_val
                 scratch_path.unlink()

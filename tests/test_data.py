@@ -41,7 +41,8 @@ def test_documents_are_separated_by_end_of_text_and_split_per_source(tmp_path):
     dm = prepared(folder, val_fraction=0.2)
     eot = dm.tokenizer.token_to_id(EOT)
     train, val = np.asarray(dm.tokens["train"]), np.asarray(dm.tokens["val"])
-    assert (np.concatenate([train, val]) == eot).sum() == 11  # ten records + one text file
+    # Ten records and one text file end with EOT; each source's training part is closed by one more.
+    assert (np.concatenate([train, val]) == eot).sum() == 11 + 2
     # Each source contributes its own last 20% to validation: the jsonl's tail and the text's tail.
     decoded_val = dm.tokenizer.decode(val.tolist(), skip_special_tokens=False)
     assert "document number 9." in decoded_val and "document number 0." not in decoded_val
