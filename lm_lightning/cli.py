@@ -9,9 +9,10 @@ import torch
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from jsonargparse import lazy_instance
+from jsonargparse import auto_cli, lazy_instance
 
-from lm_lightning.callbacks import MLflowConfig, MLflowRunInfo, TokensPerSecond
+from lm_lightning import commands
+from lm_lightning.callbacks import MLflowConfig, MLflowRunInfo, TextSamples, TokensPerSecond
 from lm_lightning.checkpoint import CheckpointError
 from lm_lightning.data import DataError, TextDataModule
 from lm_lightning.logger import MLflowLogger
@@ -27,9 +28,10 @@ class LMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.block_size", "data.block_size")
-        # Checkpointing and early stopping are always on, and configurable under their own keys.
+        # Checkpointing, early stopping and text samples are always on, and configurable under their own keys.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(TextSamples, "samples")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -74,9 +76,18 @@ def auto_precision(accelerator: str | None) -> str:
 USER_ERRORS = (DataError, TokenizerError, CheckpointError, ValueError, FileNotFoundError)
 
 
+# Subcommands outside LightningCLI, each a typed function whose docstring is its --help.
+EXTRA_COMMANDS = {"generate": commands.generate, "export": commands.export}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lm-lightning``."""
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            name = argv[0]
+            auto_cli(EXTRA_COMMANDS[name], args=argv[1:], as_positional=False, prog=f"lm-lightning {name}")
+            return
         LMCLI(
             LanguageModel,
             TextDataModule,
