@@ -51,7 +51,8 @@ def load_checkpoint(path, map_location: Any = "cpu") -> dict[str, Any]:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # Every weights_only failure mentions weights_only; only a disallowed class names a global.
+        if "Unsupported global" in str(e):
             why = "it holds objects that are not plain tensors and containers, refused for safety"
         else:
             why = f"it is truncated or not a checkpoint ({first})"

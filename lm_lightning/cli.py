@@ -9,7 +9,7 @@ import torch
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from jsonargparse import auto_cli, lazy_instance
+from jsonargparse import lazy_instance
 
 from lm_lightning import commands
 from lm_lightning.callbacks import MLflowConfig, MLflowRunInfo, TextSamples, TokensPerSecond
@@ -76,17 +76,12 @@ def auto_precision(accelerator: str | None) -> str:
 USER_ERRORS = (DataError, TokenizerError, CheckpointError, ValueError, FileNotFoundError)
 
 
-# Subcommands outside LightningCLI, each a typed function whose docstring is its --help.
-EXTRA_COMMANDS = {"generate": commands.generate, "export": commands.export}
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lm-lightning``."""
     argv = sys.argv[1:] if args is None else args
     try:
-        if argv and argv[0] in EXTRA_COMMANDS:
-            name = argv[0]
-            auto_cli(EXTRA_COMMANDS[name], args=argv[1:], as_positional=False, prog=f"lm-lightning {name}")
+        if argv and argv[0] in commands.COMMANDS:  # generate, export: outside LightningCLI
+            commands.run(argv[0], argv[1:])
             return
         LMCLI(
             LanguageModel,

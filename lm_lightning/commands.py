@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import get_type_hints
 
 import torch
+from jsonargparse import auto_cli
 
 from lm_lightning.checkpoint import load_gpt
 from lm_lightning.export import export_pretrained
@@ -64,7 +66,6 @@ def generate(
     text = _read_prompt(prompt, prompt_file)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    warnings.showwarning = _warn
     generator = TextGenerator.load(ckpt_path, device)
     steps = generator.stream(text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, stop or ())
     done = []
@@ -101,3 +102,20 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     model, tokenizer = load_gpt(ckpt_path)
     folder = export_pretrained(model, tokenizer, out, overwrite)
     print(f"exported {ckpt_path} to {folder}")
+
+
+COMMANDS = {"generate": generate, "export": export}
+
+
+def run(name: str, args: list[str]) -> None:
+    """Parse ``args`` into the arguments of the command ``name`` and run it."""
+    function = COMMANDS[name]
+    warnings.showwarning = _warn
+    # jsonargparse wants a value for every bool ("--stream true"); let a flag stand alone too.
+    flags = {f"--{arg}" for arg, hint in get_type_hints(function).items() if hint is bool}
+    given = []
+    for i, arg in enumerate(args):
+        given.append(arg)
+        if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            given.append("true")
+    auto_cli(function, args=given, as_positional=False, prog=f"lm-lightning {name}")

@@ -114,18 +114,22 @@ def load_pretrained(folder: str | Path) -> tuple[GPT, Tokenizer]:
         tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load {folder}: not a folder written by lm-lightning export ({e})") from None
-    if hf.get("model_type") != "gpt2" or hf.get("n_inner") is not None:
-        raise ExportError(f"cannot load {folder}: not a GPT-2 model written by lm-lightning export")
-    config = GPTConfig(
-        vocab_size=hf["vocab_size"],
-        block_size=hf["n_positions"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        dropout=hf["resid_pdrop"],
-    )
-    model = GPT(config)
-    state = {name: (t.t() if _is_conv1d(name) else t) for name, t in weights.items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state)
+    try:
+        if hf["model_type"] != "gpt2" or hf["n_inner"] is not None or hf["activation_function"] != "gelu_new":
+            raise ValueError("another GPT-2 variant")
+        config = GPTConfig(
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            dropout=hf["resid_pdrop"],
+        )
+        model = GPT(config)
+        state = {name: (t.t() if _is_conv1d(name) else t) for name, t in weights.items()}
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        model.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
+        first = str(e).strip().splitlines()[0]
+        raise ExportError(f"cannot load {folder}: not a GPT-2 model written by lm-lightning export ({first})") from None
     return model.eval(), tokenizer_from_str(tokenizer_json, source=str(folder / "tokenizer.json"))

@@ -74,11 +74,11 @@ def tiny_config(tmp_path) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed ``lm-lightning`` console script in a subprocess."""
+def run_cli(*args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``lm-lightning`` console script in a subprocess (``input`` on its stdin)."""
     exe = Path(sys.executable).with_name("lm-lightning")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env, input=input)
 
 
 @pytest.fixture(scope="session")
