@@ -91,6 +91,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     ours_gen = TextGenerator.load(args.ckpt_path) if args.ckpt_path else fresh_generator(args)
     model = ours_gen.model
     config = model.config

@@ -167,9 +167,7 @@ class TextSamples(L.Callback):
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         logger = mlflow_logger(trainer)
-        if trainer.sanity_checking or trainer.state.fn != "fit" or logger is None or not self.prompts:
-            return
-        if not pl_module.tokenizer_json:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or logger is None or not self.prompts or not pl_module.tokenizer_json:
             return
         if self._generator is None:
             self._generator = TextGenerator(pl_module.model, tokenizer_from_str(pl_module.tokenizer_json))

@@ -71,11 +71,14 @@ def generate_tokens(
     prefilled again at positions from 0 (what a model that reads the last tokens sees), so
     generation runs past ``block_size`` at the cost of one prefill every ``block_size / 4`` steps.
     """
+    # model.forward, not model(): a model compiled in place for training (LanguageModel's compile)
+    # would recompile for every new cache length.
+    forward = model.forward
     block_size = model.config.block_size
     weight = model.lm_head.weight
     n = len(prompt)
     cache = KVCache(model.config, 1, min(block_size, n + max_new_tokens), weight.device, weight.dtype)
-    logits = model(prompt[None], cache, last_only=True)[:, -1].expand(num_samples, -1)
+    logits = forward(prompt[None], cache, last_only=True)[:, -1].expand(num_samples, -1)
     cache.expand(num_samples)
     tokens = torch.empty(num_samples, n + max_new_tokens, dtype=torch.long, device=weight.device)
     tokens[:, :n] = prompt
@@ -89,9 +92,9 @@ def generate_tokens(
             break
         if cache.length == cache.max_len:
             cache.length = 0
-            logits = model(tokens[:, n - keep : n], cache, last_only=True)[:, -1]
+            logits = forward(tokens[:, n - keep : n], cache, last_only=True)[:, -1]
         else:
-            logits = model(token[:, None], cache, last_only=True)[:, -1]
+            logits = forward(token[:, None], cache, last_only=True)[:, -1]
 
 
 class TextStream:

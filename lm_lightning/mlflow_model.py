@@ -41,8 +41,8 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "tokenizers", "safetensors", "lightning", "pandas")]
 
 
-def log_text_model(logger: MLFlowLogger, checkpoint: str | Path, name: str = "model") -> None:
-    """Log ``checkpoint`` to the logger's run as the MLflow model ``name`` (``runs:/<run_id>/model``).
+def log_text_model(logger: MLFlowLogger, checkpoint: str | Path) -> None:
+    """Log ``checkpoint`` to the logger's run as the MLflow model ``model`` (``runs:/<run_id>/model``).
 
     The model is saved as code (``serving.py``, plus this package), with the exported transformers
     folder as its artifact, so loading it unpickles nothing; the requirements are given, which
@@ -55,11 +55,11 @@ def log_text_model(logger: MLFlowLogger, checkpoint: str | Path, name: str = "mo
         with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
             warnings.simplefilter("ignore")
             mlflow.pyfunc.save_model(
-                Path(tmp) / name,
+                Path(tmp) / "model",
                 python_model=str(PACKAGE / "serving.py"),
                 artifacts={"pretrained": str(pretrained)},
                 code_paths=[str(PACKAGE)],
                 signature=SIGNATURE,
                 pip_requirements=pip_requirements(),
             )
-        logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / name), name)
+        logger.experiment.log_artifacts(logger.run_id, str(Path(tmp) / "model"), "model")
