@@ -38,7 +38,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":  # tied to transformer.wte.weight: HF ties it back on load
             continue
-        state[name] = (tensor.t() if _is_conv1d(name) else tensor).detach().contiguous().clone()
+        state[name] = (tensor.t() if _is_conv1d(name) else tensor).detach().contiguous()
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is None and name != "lm_head":
             state[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)

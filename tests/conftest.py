@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -81,20 +82,28 @@ def run_cli(*args: str, timeout: float = 300, input: str | None = None) -> subpr
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env, input=input)
 
 
-@pytest.fixture(scope="session")
-def one_thread():
+@contextlib.contextmanager
+def single_thread():
     """torch on one thread: on 2 cores shared with other work, two OpenMP threads wait on each other
     and small ops run 30-100x slower; one thread is fast whatever the load."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, one_thread):
+def tiny_run(tmp_path_factory):
     """A real 150-step fit of a tiny model on English and Chinese text, in process, recorded in MLflow
     with the always-on callbacks: its best checkpoint, run id and tracking URI, and the RNG states
     seen around the sampling callback. Shared by the generation, export and serving tests."""
@@ -129,11 +138,11 @@ def tiny_run(tmp_path_factory, one_thread):
     )
     model = LanguageModel(block_size=32, n_layer=2, n_head=2, n_embd=32, learning_rate=1e-2, warmup_steps=10)
     data = TextDataModule(path=str(root / "corpus.txt"), vocab_size=400, block_size=32, batch_size=8, cache_dir=str(root / "cache"))
-    trainer.fit(model, data)
+    with single_thread():
+        trainer.fit(model, data)
     return {
         "checkpoint": Path(checkpoint.best_model_path),
         "run_id": logger.run_id,
         "tracking_uri": tracking_uri,
         "rng_around_samples": list(zip(before.states, after.states)),
-        "root": root,
     }
