@@ -11,7 +11,10 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lm_lightning.generate import TextGenerator, check_sampling
 from lm_lightning.hardware import peak_flops, precision_dtype
+from lm_lightning.mlflow_model import log_text_model
+from lm_lightning.tokenizer import tokenizer_from_str
 
 
 class TokensPerSecond(L.Callback):
@@ -140,7 +143,53 @@ class MLflowRunInfo(L.Callback):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if logger is not None and best:
             logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(Path(best).resolve()))
+        # The logger's log_model switch covers the servable model as well as the checkpoint files.
+        if logger is not None and best and getattr(logger, "_log_model", False):
+            log_text_model(logger, best)
         if best:
             print(f"best checkpoint: {Path(best).resolve()}")
         if logger is not None:
             print(f"MLflow run: {logger.run_id} (experiment {logger.experiment_name!r}, tracking {logger.tracking_uri}; browse with: mlflow ui)")
+
+
+class TextSamples(L.Callback):
+    """At each validation of ``fit``, continues a few fixed prompts and logs the text to the MLflow run
+    as ``samples/step_000200.txt``, so runs' samples compare side by side as training progresses.
+
+    Sampling draws from its own seeded ``torch.Generator``: the same step gives the same draws, and
+    training's random state is untouched.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 1234,
+    ):
+        """
+        Args:
+            prompts: Prompts to continue, e.g. ``["ROMEO:", "床前明月光"]``; ``""`` starts a new document.
+                Unset: ``[""]``, which suits any corpus. ``[]`` turns samples off.
+            max_new_tokens: Tokens generated per prompt.
+            temperature: Softmax temperature of the sampler (0: greedy).
+            top_k: Sample only from the ``top_k`` most likely tokens. Unset: from all.
+            seed: Seed of the sampler's own generator.
+        """
+        check_sampling(max_new_tokens, 1, temperature, top_k, 1.0)
+        self.prompts = [""] if prompts is None else list(prompts)
+        self.kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        self._generator: TextGenerator | None = None
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        logger = mlflow_logger(trainer)
+        if trainer.sanity_checking or trainer.state.fn != "fit" or logger is None or not self.prompts or not pl_module.tokenizer_json:
+            return
+        if self._generator is None:
+            self._generator = TextGenerator(pl_module.model, tokenizer_from_str(pl_module.tokenizer_json))
+        # Lightning puts the model back in train mode only after on_validation_end: dropout is off here.
+        texts = [self._generator.generate(prompt, **self.kwargs)[0] for prompt in self.prompts]
+        body = "".join(f"### prompt {prompt!r}\n{prompt}{text}\n\n" for prompt, text in zip(self.prompts, texts))
+        logger.experiment.log_text(logger.run_id, body, f"samples/step_{trainer.global_step:06d}.txt")

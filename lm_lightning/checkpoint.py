@@ -8,6 +8,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from tokenizers import Tokenizer
+
+from lm_lightning.model import GPT, GPTConfig
+from lm_lightning.tokenizer import tokenizer_from_str
 
 
 class CheckpointError(ValueError):
@@ -47,8 +51,22 @@ def load_checkpoint(path, map_location: Any = "cpu") -> dict[str, Any]:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # Every weights_only failure mentions weights_only; only a disallowed class names a global.
+        if "Unsupported global" in str(e):
             why = "it holds objects that are not plain tensors and containers, refused for safety"
         else:
             why = f"it is truncated or not a checkpoint ({first})"
         raise CheckpointError(f"cannot load checkpoint {path}: {why}") from None
+
+
+def load_gpt(path, map_location: Any = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a training checkpoint: what generation and export need."""
+    checkpoint = load_checkpoint(path, map_location)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if not checkpoint.get("tokenizer_json") or "state_dict" not in checkpoint or "vocab_size" not in hparams:
+        raise CheckpointError(f"cannot load checkpoint {path}: it is not an lm-lightning training checkpoint")
+    config = GPTConfig(**{name: hparams[name] for name in GPTConfig.__dataclass_fields__ if name in hparams})
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model.eval(), tokenizer_from_str(checkpoint["tokenizer_json"], source=str(path))

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from jsonargparse import lazy_instance
 
-from lm_lightning.callbacks import MLflowConfig, MLflowRunInfo, TokensPerSecond
+from lm_lightning import commands
+from lm_lightning.callbacks import MLflowConfig, MLflowRunInfo, TextSamples, TokensPerSecond
 from lm_lightning.checkpoint import CheckpointError
 from lm_lightning.data import DataError, TextDataModule
 from lm_lightning.logger import MLflowLogger
@@ -34,9 +35,10 @@ class LMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.block_size", "data.block_size")
-        # Checkpointing and early stopping are always on, and configurable under their own keys.
+        # Checkpointing, early stopping and text samples are always on, and configurable under their own keys.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(TextSamples, "samples")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -55,8 +57,8 @@ class LMCLI(LightningCLI):
                 "trainer.check_val_every_n_epoch": None,  # validate every val_check_interval steps across epochs
                 "trainer.log_every_n_steps": 10,
                 "trainer.gradient_clip_val": 1.0,
-                "trainer.use_distributed_sampler": False,
-                "trainer.enable_autolog_hparams": False,  # MLflowConfig logs the whole resolved config instead  # the data module shards by rank itself
+                "trainer.use_distributed_sampler": False,  # the data module shards by rank itself
+                "trainer.enable_autolog_hparams": False,  # MLflowConfig logs the whole resolved config instead
             }
         )
 
@@ -85,7 +87,11 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``lm-lightning``."""
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, on every step it logs.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv and argv[0] in commands.COMMANDS:  # generate, export: outside LightningCLI
+            commands.run(argv[0], argv[1:])
+            return
         LMCLI(
             LanguageModel,
             TextDataModule,

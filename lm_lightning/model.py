@@ -70,6 +70,11 @@ class KVCache:
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def expand(self, batch_size: int) -> None:
+        """Copy the one sequence cached so far to ``batch_size`` rows: samples of one prompt prefill it once."""
+        self.keys = self.keys.expand(-1, batch_size, -1, -1, -1).contiguous()
+        self.values = self.values.expand(-1, batch_size, -1, -1, -1).contiguous()
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -169,10 +174,12 @@ class GPT(nn.Module):
         t = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * t
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` of shape ``(B, T)``.
 
         With a ``cache``, ``idx`` continues the sequence already in it and the cache is advanced.
+        With ``last_only``, logits of the last position only, ``(B, 1, vocab_size)``: generation
+        needs no others, and the head is the largest matmul of a prefill.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -187,4 +194,6 @@ class GPT(nn.Module):
                 x = block(x, cache, i)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,8 +75,74 @@ def tiny_config(tmp_path) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed ``lm-lightning`` console script in a subprocess."""
+def run_cli(*args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``lm-lightning`` console script in a subprocess (``input`` on its stdin)."""
     exe = Path(sys.executable).with_name("lm-lightning")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env, input=input)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """torch on one thread: on 2 cores shared with other work, two OpenMP threads wait on each other
+    and small ops run 30-100x slower; one thread is fast whatever the load."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A real 150-step fit of a tiny model on English and Chinese text, in process, recorded in MLflow
+    with the always-on callbacks: its best checkpoint, run id and tracking URI, and the RNG states
+    seen around the sampling callback. Shared by the generation, export and serving tests."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lm_lightning.callbacks import MLflowRunInfo, TextSamples
+    from lm_lightning.data import TextDataModule
+    from lm_lightning.logger import MLflowLogger
+    from lm_lightning.module import LanguageModel
+
+    class RngProbe(L.Callback):
+        def __init__(self):
+            self.states = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.states.append(torch.get_rng_state())
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    (root / "corpus.txt").write_text(english_text(40_000) + "\n" + CHINESE * 40, encoding="utf-8")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    logger = MLflowLogger(experiment_name="tiny", tracking_uri=tracking_uri)
+    before, after = RngProbe(), RngProbe()
+    checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", monitor="val/loss", filename="best")
+    L.seed_everything(7)
+    trainer = L.Trainer(
+        max_steps=150, val_check_interval=50, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        logger=logger, callbacks=[checkpoint, MLflowRunInfo(), before, TextSamples(["The ", "床前"], max_new_tokens=16), after],
+        enable_progress_bar=False, enable_model_summary=False, enable_autolog_hparams=False,
+        precision="32-true", accelerator="cpu", devices=1,
+    )
+    model = LanguageModel(block_size=32, n_layer=2, n_head=2, n_embd=32, learning_rate=1e-2, warmup_steps=10)
+    data = TextDataModule(path=str(root / "corpus.txt"), vocab_size=400, block_size=32, batch_size=8, cache_dir=str(root / "cache"))
+    with single_thread():
+        trainer.fit(model, data)
+    return {
+        "checkpoint": Path(checkpoint.best_model_path),
+        "run_id": logger.run_id,
+        "tracking_uri": tracking_uri,
+        "rng_around_samples": list(zip(before.states, after.states)),
+    }
