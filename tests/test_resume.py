@@ -1,6 +1,6 @@
 """Exact resume through kill -9 and SIGTERM, with real processes, real checkpoints and a real MLflow store.
 
-One run of 24 steps is trained straight through. The same run is trained again, killed with SIGKILL, resumed
+One run of 32 steps is trained straight through. The same run is trained again, killed with SIGKILL, resumed
 and stopped with SIGTERM, then resumed with two data-loading workers to the end: its per-step training losses
 must equal the straight run's, in one MLflow run.
 """
@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import TINY_CONFIG, english_text, metric_history, only_run, run_main, workdir
 from lm_lightning.checkpoint import load_checkpoint
 
-STEPS, EVERY = 24, 4
+STEPS, EVERY = 32, 4
 TRAIN = [
     "fit", "--config", "tiny.yaml", "--data.path", "corpus.txt",
     "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "8", "--trainer.log_every_n_steps", "1",
@@ -38,7 +38,7 @@ def wait_for_save(path: Path, after: float, proc: subprocess.Popen, timeout: flo
     while not (path.is_file() and path.stat().st_mtime > after):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +55,20 @@ def story(tmp_path_factory, mlflow_template):
 
         resumed = ["--trainer.logger.init_args.experiment_name", "resumed"]
         killed = start(*resumed)
-        last = next(iter(_wait_for_glob(root, "runs/*/*/checkpoints/last.ckpt", killed)))
-        time.sleep(0.5)  # a few steps past the first checkpoint
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
+        (last,) = _wait_for_glob(root, "runs/*/*/checkpoints/last.ckpt", killed)
         run_id = only_run(client, "resumed").info.run_id
+        while not any(step >= EVERY for step, _ in metric_history(client, run_id, "train/loss")):
+            assert killed.poll() is None, killed.communicate()[1][-3000:]
+            time.sleep(0.01)
+        killed.send_signal(signal.SIGKILL)  # past the first checkpoint, before the next one (unless very fast)
+        killed.wait()
         facts["killed"] = {
             "ckpt_step": load_checkpoint(last)["global_step"],  # loads whole: never a partial file
             "logged": metric_history(client, run_id, "train/loss"),
             "status": client.get_run(run_id).info.status,
         }
 
+        assert facts["killed"]["status"] == "RUNNING", "the run finished before it could be killed"
         saved_at = last.stat().st_mtime
         stopped = start(*resumed, "--ckpt_path", "last")
         wait_for_save(last, saved_at, stopped)  # resumed and saved again: now stop it
@@ -93,7 +96,7 @@ def _wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen, timeout: fl
     while not (found := list(root.glob(pattern))):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"nothing matched {pattern}"
-        time.sleep(0.05)
+        time.sleep(0.01)
     return found
 
 
