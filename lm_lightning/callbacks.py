@@ -1,8 +1,10 @@
-"""Callbacks of our own: throughput, and what every run records in MLflow."""
+"""Callbacks of our own: throughput, a graceful Ctrl-C, and what every run records in MLflow."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lm_lightning.generate import TextGenerator, check_sampling
 from lm_lightning.hardware import peak_flops, precision_dtype
@@ -56,6 +59,29 @@ class TokensPerSecond(L.Callback):
             self._reset()
 
 
+class GracefulCtrlC(L.Callback):
+    """The first Ctrl-C stops training as SIGTERM does: at the end of the current step, after which ``last.ckpt``
+    is saved and the MLflow run marked KILLED. A second Ctrl-C interrupts at once, saving nothing.
+
+    Python's own Ctrl-C raises ``KeyboardInterrupt`` wherever the program is, so a checkpoint saved then could
+    hold a half-applied optimizer step. Installed when training starts, after Lightning has saved the
+    process's signal handlers, which it puts back when training ends.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def on_ctrl_c(signum, frame) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            rank_zero_info("Ctrl-C: stopping after this step and saving last.ckpt (Ctrl-C again to stop at once)")
+            if callable(on_sigterm):
+                on_sigterm(signum, frame)
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+
+
 def git_commit(path: Path) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
@@ -68,8 +94,15 @@ def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
+# Config keys that say how this invocation was started, not what the run is: never params.
+NOT_PARAMS = ("config", "ckpt_path", "trainer.logger.init_args.run_id")
+
+
 class MLflowConfig(SaveConfigCallback):
     """Logs the resolved config to the MLflow run: as dotted params and as ``config.yaml``.
+
+    A resumed run keeps its ``config.yaml`` and gets the config it was resumed with as
+    ``config-resume-<n>.yaml``; its params are only added to (see ``MLflowLogger.log_hyperparams``).
 
     Replaces LightningCLI's ``SaveConfigCallback``, which asserts a ``log_dir`` that an MLflow
     logger with a database or server tracking URI does not have (lightning issue 19441).
@@ -79,10 +112,13 @@ class MLflowConfig(SaveConfigCallback):
         logger = mlflow_logger(trainer)
         if logger is None:
             return
-        config = self.parser.dump(self.config, skip_none=False)
-        logger.experiment.log_text(logger.run_id, config, "config.yaml")
-        params = {k: v for k, v in flatten(self.config.as_dict()).items() if k.split(".")[0] != "config"}
-        logger.log_hyperparams(params)
+        name = "config.yaml"
+        if getattr(logger, "resumed", False):
+            logged = [a.path for a in logger.experiment.list_artifacts(logger.run_id)]
+            name = f"config-resume-{sum(p.startswith('config-resume-') for p in logged) + 1}.yaml"
+        logger.experiment.log_text(logger.run_id, self.parser.dump(self.config, skip_none=False), name)
+        params = flatten(self.config.as_dict())
+        logger.log_hyperparams({k: v for k, v in params.items() if k not in NOT_PARAMS})
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -10,14 +10,17 @@ import torch
 
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from jsonargparse import lazy_instance
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from jsonargparse import ArgumentError, lazy_instance
 
 from lm_lightning import commands
-from lm_lightning.callbacks import MLflowConfig, MLflowRunInfo, TextSamples, TokensPerSecond
-from lm_lightning.checkpoint import CheckpointError
+from lm_lightning.callbacks import GracefulCtrlC, MLflowConfig, MLflowRunInfo, TextSamples, TokensPerSecond
+from lm_lightning.checkpoint import CheckpointError, LastCheckpoint
 from lm_lightning.data import DataError, TextDataModule
+from lm_lightning.files import WriteError
 from lm_lightning.logger import MLflowLogger
-from lm_lightning.module import LanguageModel
+from lm_lightning.module import LanguageModel, NonFiniteLossError
+from lm_lightning.resume import ResumeState, resolve_ckpt_path
 from lm_lightning.tokenizer import TokenizerError
 
 
@@ -33,17 +36,27 @@ class LMCLI(LightningCLI):
         ):
             self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], TQDMProgressBar()]
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI's own version replaces the model config with the checkpoint's hyperparameters when
+        # ckpt_path is a file (lightning/pytorch/cli.py): a resume with a changed option such as
+        # model.nonfinite_loss would silently lose it, and "last" would behave unlike a path. Here the config
+        # stays what the user wrote, and a checkpoint of another shape is refused with one line.
+        if subcommand := self.config.get("subcommand"):
+            resolve_ckpt_path(self.config[subcommand], subcommand)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.block_size", "data.block_size")
-        # Checkpointing, early stopping and text samples are always on, and configurable under their own keys.
+        # Checkpointing, early stopping and text samples are always on, and configurable under their own keys:
+        # best.ckpt on validation loss (checkpoint.*), last.ckpt every few steps to resume from (last_checkpoint.*).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(TextSamples, "samples")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # last_checkpoint owns last.ckpt
                 "checkpoint.auto_insert_metric_name": False,
                 "early_stopping.monitor": "val/loss",
                 "early_stopping.patience": 5,
@@ -81,6 +94,14 @@ def auto_precision(accelerator: str | None) -> str:
 
 
 USER_ERRORS = (DataError, TokenizerError, CheckpointError, ValueError, FileNotFoundError)
+"""Bad input: a one-line ``error: ...`` and exit code 2."""
+RUN_ERRORS = (NonFiniteLossError, WriteError)
+"""A run that could not go on (the checkpoints it wrote are intact): a one-line ``error: ...`` and exit code 1."""
+SIGTERM_EXIT_CODE = 128 + 15  # the shell's code for a process ended by SIGTERM: job schedulers see it did not finish
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(args: list[str] | None = None) -> None:
@@ -97,19 +118,23 @@ def main(args: list[str] | None = None) -> None:
             TextDataModule,
             seed_everything_default=1337,
             # Always present, in addition to any trainer.callbacks in the config.
-            trainer_defaults={"callbacks": [TokensPerSecond(), MLflowRunInfo()]},
+            trainer_defaults={"callbacks": [TokensPerSecond(), MLflowRunInfo(), ResumeState(), GracefulCtrlC()]},
             auto_configure_optimizers=False,  # LanguageModel.configure_optimizers owns AdamW and its schedule
             save_config_callback=MLflowConfig,
             save_config_kwargs={"save_to_log_dir": False},
             # allow_abbrev=False: argparse would otherwise take --trainer.max_step for --trainer.max_steps.
-            parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
+            parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_error": False},
             args=args,
         )
-    except USER_ERRORS as e:
+    except SIGTERMException:
+        print("stopped by SIGTERM or Ctrl-C: continue with the same command and --ckpt_path last", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT_CODE)
+    except (ArgumentError, *USER_ERRORS, *RUN_ERRORS) as e:
         if os.environ.get("LM_LIGHTNING_DEBUG"):
             raise
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        hint = " (--help lists every key)" if isinstance(e, ArgumentError) else ""
+        print(f"error: {_one_line(e)}{hint}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, RUN_ERRORS) else 2)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,12 @@ with the corpus.
 
 from __future__ import annotations
 
-import fcntl
 import glob as globlib
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from lm_lightning.files import WriteError, atomic_write_text, file_lock, remove_stale_temporaries, temporary_path
 from lm_lightning.tokenizer import (
     EOT,
     iter_batches,
@@ -194,24 +193,6 @@ def iter_sample(sources: list[Source], jsonl_field: str, max_chars: int) -> Iter
 # Token cache: train.bin / val.bin (memmaps) + meta.json, written atomically under a lock.
 
 
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Serialise builders of one cache folder across processes (two runs started at once)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -239,7 +220,9 @@ def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path)
     """
     eot = tokenizer.token_to_id(EOT)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    tmp = {split: folder / f".{split}.bin.{os.getpid()}.tmp" for split in ("train", "val")}
+    for name in ("train.bin", "val.bin", "source"):
+        remove_stale_temporaries(folder / name)  # of a build that was killed
+    tmp = {split: temporary_path(folder / f"{split}.bin") for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
     corpus_hash = hashlib.sha256()
     has_text = False
@@ -249,7 +232,7 @@ def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path)
         with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f:
             for source in sources:
                 # A source's tokens go to a scratch file first: the split point is known only at its end.
-                scratch_path = folder / f".source.{os.getpid()}.tmp"
+                scratch_path = temporary_path(folder / "source")
                 n = 0
                 with open(scratch_path, "wb") as scratch:
                     for doc in iter_documents(source, jsonl_field):
@@ -283,9 +266,13 @@ def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path)
         for split, path in tmp.items():
             os.replace(path, folder / f"{split}.bin")
         return meta
+    except OSError as e:  # a full disk, mostly; the files it read or wrote are named when known
+        where = f" ({e.filename})" if e.filename else ""
+        why = f"{e.strerror or e}{where}"
+        raise WriteError(f"cannot build the token cache in {folder}: {why}; the previous cache is intact") from e
     finally:
         progress.close()
-        for path in (*tmp.values(), *folder.glob(f".source.{os.getpid()}.tmp")):
+        for path in (*tmp.values(), temporary_path(folder / "source")):
             path.unlink(missing_ok=True)
 
 
@@ -316,41 +303,54 @@ class TrainWindows(Dataset):
 
 
 class ResumableSampler(Sampler):
-    """Yields batch keys ``(epoch, i)`` for ``i`` in ``[start, num_batches)``; Lightning sets the epoch."""
+    """Yields batch keys ``(epoch, i)`` for ``i`` in ``[0, num_batches)``; Lightning sets the epoch.
 
-    def __init__(self, num_batches: int):
+    After ``resume_at(epoch, start)``, passes over that epoch start at batch ``start``; the next epoch is whole.
+    The resume point is not used up by a first ``iter()``: a DataLoader with workers calls it twice per pass.
+    """
+
+    def __init__(self, num_batches: int, epoch: int = 0):
         self.num_batches = num_batches
-        self.epoch = 0
-        self.start = 0
+        self.epoch = epoch
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        self.epoch = epoch
+        self._resume = (epoch, start)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        start, self.start = self.start, 0  # a resumed start applies to one pass only
-        return ((self.epoch, i) for i in range(start, self.num_batches))
+        # The epoch is read now, not per item: workers fetch keys ahead of Lightning's set_epoch.
+        epoch = self.epoch
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        return ((epoch, i) for i in range(start, self.num_batches))
 
 
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning checkpoints (it has ``state_dict``), so a resumed run continues mid-epoch.
 
     ``consumed`` reports how many batches of the current epoch the training loop has finished; the
-    loader itself cannot count them, as workers and Lightning's fetcher read ahead.
+    loader itself cannot count them, as workers and Lightning's fetcher read ahead. Its state names the
+    next batch to train on, so it does not depend on ``num_workers``.
     """
 
-    def __init__(self, *args, consumed=lambda: 0, **kwargs):
+    def __init__(self, *args, consumed: Callable[[], int] = lambda: 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._consumed = consumed
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "consumed": int(self._consumed())}
+    def state_dict(self) -> dict[str, int]:
+        epoch, consumed = self.sampler.epoch, int(self._consumed())
+        if consumed >= self.sampler.num_batches:  # saved at the end of an epoch: the next one starts from 0
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "consumed": consumed}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.epoch = state["epoch"]
-        self.sampler.start = state["consumed"]
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(state["epoch"], state["consumed"])
 
 
 class ValWindows(Dataset):
@@ -472,20 +472,20 @@ class TextDataModule(L.LightningDataModule):
         tokenizer = train_tokenizer(iter_sample(sources, self.jsonl_field, self.tokenizer_sample_chars), self.vocab_size)
         (self.folder / "tokenizer.meta.json").unlink(missing_ok=True)
         save_tokenizer(tokenizer, path)
-        _atomic_write_text(self.folder / "tokenizer.meta.json", json.dumps(wanted))
+        atomic_write_text(self.folder / "tokenizer.meta.json", json.dumps(wanted), "token cache metadata")
         return tokenizer
 
     def prepare_data(self) -> None:
         """Train or load the tokenizer and build the token cache, unless a matching one exists."""
         sources = resolve_sources(self.path)
-        with _locked(self.folder):
+        with file_lock(self.folder / ".lock"):  # one builder at a time when two runs start at once
             tokenizer = self._tokenizer(sources)
             expected = self._expected_meta(sources, tokenizer)
             meta = _read_json(self.folder / "meta.json")
             if meta is None or {k: meta.get(k) for k in expected} != expected or not self._bins_match(meta):
                 built = tokenize_corpus(sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder)
                 meta = {**expected, **built, "tokenizer_json": tokenizer.to_str()}
-                _atomic_write_text(self.folder / "meta.json", json.dumps(meta))
+                atomic_write_text(self.folder / "meta.json", json.dumps(meta), "token cache metadata")
         self._check_sizes(meta)
 
     def _bins_match(self, meta: dict) -> bool:
@@ -538,7 +538,10 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader_kwargs(self) -> dict:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return dict(num_workers=self.num_workers, pin_memory=on_gpu, persistent_workers=self.num_workers > 0)
+        # A generator of its own: a DataLoader otherwise draws its workers' base seed from the global torch RNG
+        # each time it starts iterating, so dropout masks would depend on num_workers and on validation.
+        generator = torch.Generator().manual_seed(self.seed)
+        return dict(num_workers=self.num_workers, pin_memory=on_gpu, persistent_workers=self.num_workers > 0, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         rank, _ = self._rank_world()
@@ -555,7 +558,8 @@ class TextDataModule(L.LightningDataModule):
             # Batches of this epoch the fit loop has finished (the progress Lightning restores on resume).
             return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
-        return ResumableLoader(dataset, sampler=ResumableSampler(num_batches), batch_size=None, consumed=consumed, **self._loader_kwargs())
+        sampler = ResumableSampler(num_batches, epoch=trainer.current_epoch if trainer is not None else 0)
+        return ResumableLoader(dataset, sampler=sampler, batch_size=None, consumed=consumed, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

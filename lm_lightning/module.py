@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import SumMetric
 
 from lm_lightning.data import cache_root
 from lm_lightning.model import GPT, GPTConfig
+
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
 
 
 class LanguageModel(L.LightningModule):
@@ -32,6 +41,7 @@ class LanguageModel(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
         activation_checkpointing: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ):
         """A GPT trained by next-token prediction.
 
@@ -53,6 +63,9 @@ class LanguageModel(L.LightningModule):
                 kernels are cached under ``$LM_LIGHTNING_CACHE/inductor``.
             activation_checkpointing: Recompute each block's activations in the backward pass instead of
                 keeping them: ~30% more compute, memory that no longer grows with depth.
+            nonfinite_loss: What a NaN or infinite training loss does: ``stop`` training with an error naming the
+                step, before the weights are touched (the checkpoints already written stay good); or ``skip`` the
+                batch: no update, but the step counts (the schedule moves on), and ``train/skipped_batches`` counts it.
         """
         super().__init__()
         if learning_rate <= 0:
@@ -71,6 +84,7 @@ class LanguageModel(L.LightningModule):
         self.tokenizer_json: str | None = None
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
+        self.skipped_batches = 0
         if vocab_size is not None:
             self._build(vocab_size)
 
@@ -98,11 +112,7 @@ class LanguageModel(L.LightningModule):
                 f"model.vocab_size={self.hparams.vocab_size} is smaller than the vocabulary of {source} "
                 f"({n_tokens} tokens); unset model.vocab_size or set it to at least {n_tokens}"
             )
-        if self.tokenizer_json is not None and self.tokenizer_json != datamodule.tokenizer.to_str():
-            raise ValueError(
-                "the checkpoint's tokenizer differs from the data's tokenizer; set data.tokenizer_path to the "
-                "tokenizer the checkpoint was trained with (lm-lightning saves it in the run's artifacts)"
-            )
+        _check_same_tokenizer(self.tokenizer_json, datamodule.tokenizer.to_str())
         self.tokenizer_json = datamodule.tokenizer.to_str()
         self.token_bytes = datamodule.token_byte_lengths().to(self.device)
 
@@ -121,9 +131,14 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokenizer_json"] = self.tokenizer_json  # a plain str: loads with weights_only=True
+        checkpoint["skipped_batches"] = self.skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuses a checkpoint of another shape or tokenizer with one line, before its weights are loaded."""
+        check_shape(checkpoint.get("hyper_parameters", {}), self.hparams)
+        _check_same_tokenizer(checkpoint.get("tokenizer_json"), self.tokenizer_json)
         self.tokenizer_json = checkpoint.get("tokenizer_json")
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -136,12 +151,15 @@ class LanguageModel(L.LightningModule):
         losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
         return losses, targets
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         losses, _ = self._token_losses(batch)
         loss = losses.mean()
-        # Sum on the device (no host sync) and log the mean of the window only on the steps Lightning
-        # writes logs (its test: (batches_that_stepped + 1) % log_every_n_steps == 0): each self.log
-        # call costs ~1 ms of Python, several % of a small model's step.
+        # A device sync each step: the price of stopping or skipping a bad batch before it reaches the weights.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            return self._nonfinite_loss(loss)
+        # Log the window's mean loss only on the steps Lightning writes logs (its test:
+        # (batches_that_stepped + 1) % log_every_n_steps == 0): each self.log call costs ~1 ms of
+        # Python, several % of a small model's step.
         self._loss_sum = self._loss_sum + loss.detach()
         self._loss_count += 1
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -150,6 +168,21 @@ class LanguageModel(L.LightningModule):
             self.log("lr", self.optimizers().param_groups[0]["lr"])
             self._loss_sum, self._loss_count = 0.0, 0
         return loss
+
+    def _nonfinite_loss(self, loss: torch.Tensor) -> None:
+        """Stop, or skip the batch: returning ``None`` from ``training_step`` makes Lightning skip backward and step."""
+        if self.hparams.nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.global_step}; stopped before updating the weights, "
+                "the checkpoints already written are kept: resume with --ckpt_path last --model.nonfinite_loss skip "
+                "to skip such batches, or start again with a lower model.learning_rate"
+            )
+        self.skipped_batches += 1
+        step, n = self.global_step, self.skipped_batches
+        rank_zero_warn(f"the training loss is {loss.item()} at step {step}: batch skipped ({n} so far)")
+        for logger in self.loggers:  # now: self.log would reach the logger only at a log_every_n_steps step
+            logger.log_metrics({"train/skipped_batches": float(self.skipped_batches)}, step=self.global_step)
+        return None
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         losses, targets = self._token_losses(batch)
@@ -205,6 +238,28 @@ class LanguageModel(L.LightningModule):
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
+
+def check_shape(saved: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuse, with one line, a checkpoint whose model shape (its saved hyperparameters) differs from ``config``'s."""
+    differ = [
+        f"{k}={saved[k]} (config: {config[k]})"
+        for k in SHAPE_KEYS
+        if config.get(k) is not None and saved.get(k, config[k]) != config[k]
+    ]
+    if differ:
+        raise ValueError(
+            f"the checkpoint has a different model shape: {', '.join(differ)}; "
+            "set model.* to the checkpoint's values (its position table fixes model.block_size)"
+        )
+
+
+def _check_same_tokenizer(checkpoint_json: str | None, data_json: str | None) -> None:
+    if checkpoint_json is not None and data_json is not None and checkpoint_json != data_json:
+        raise ValueError(
+            "the checkpoint's tokenizer differs from the data's tokenizer; set data.tokenizer_path to the "
+            "tokenizer the checkpoint was trained with (lm-lightning saves it in the run's artifacts)"
+        )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):

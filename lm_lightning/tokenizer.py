@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lm_lightning.files import atomic_write_text
+
 EOT = "<|endoftext|>"
 """Separates documents in the token stream; generation stops on it."""
 
@@ -71,11 +73,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     """Write ``tokenizer.json`` atomically: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(tokenizer.to_str(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, tokenizer.to_str(), "tokenizer")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -42,6 +45,26 @@ trainer:
   enable_model_summary: false
   precision: 32-true
 """
+
+
+BAD_CORPORA = {
+    # name: (make the corpus under a folder and return data.path, what the one-line error must say)
+    "missing": (lambda p: p / "missing.txt", "does not exist"),
+    "no-text-files": (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "has no .txt/.md/.jsonl files"),
+    "glob-matches-nothing": (lambda p: p / "*.nothing", "matches no files"),
+    "empty": (lambda p: (p / "e.txt").write_text("") and None or p / "e.txt", "holds no text"),
+    "whitespace-only": (lambda p: (p / "w.txt").write_text(" \n\t\n  \r\n") and p / "w.txt", "holds no text"),
+    "shorter-than-a-window": (lambda p: (p / "s.txt").write_text("too short") and p / "s.txt", "too short"),
+    "jsonl-line-not-json": (lambda p: (p / "j.jsonl").write_text('{"text": "ok"}\n{broken\n') and p / "j.jsonl", "line 2 is not JSON"),
+    "jsonl-line-without-field": (
+        lambda p: (p / "k.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n') and p / "k.jsonl",
+        "line 2 has no string 'text' field",
+    ),
+    "not-utf8": (
+        lambda p: (p / "latin1.txt").write_bytes("plain ascii line\n".encode() * 3 + "caf\xe9\n".encode("latin-1")) and p / "latin1.txt",
+        "latin1.txt is not UTF-8: undecodable byte 0xe9 at byte offset 54",
+    ),
+}
 
 
 def english_text(n_bytes: int = 60_000) -> str:
@@ -82,7 +105,7 @@ def run_cli(*args: str, timeout: float = 300, input: str | None = None) -> subpr
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env, input=input)
 
 
-@contextlib.contextmanager
+@contextmanager
 def single_thread():
     """torch on one thread: on 2 cores shared with other work, two OpenMP threads wait on each other
     and small ops run 30-100x slower; one thread is fast whatever the load."""
@@ -146,3 +169,57 @@ def tiny_run(tmp_path_factory):
         "tracking_uri": tracking_uri,
         "rng_around_samples": list(zip(before.states, after.states)),
     }
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow database, made once: creating one runs all of MLflow's migrations (seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(isolated, mlflow_template) -> str:
+    """This test's MLflow store (the one ``isolated`` points at), copied from the empty template; its URI."""
+    shutil.copy(mlflow_template, isolated / "mlflow.db")
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+@contextmanager
+def workdir(root: Path) -> Iterator[str]:
+    """Run in ``root`` with its own MLflow store and token cache (for module-scoped fixtures); yields the tracking URI."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri, "LM_LIGHTNING_CACHE": str(root / "cache")}):
+            yield uri
+    finally:
+        os.chdir(old)
+
+
+def run_main(*args: str) -> int:
+    """Run ``lm-lightning`` in this process (no import cost); returns its exit code."""
+    from lm_lightning.cli import main
+
+    # Lightning's seed_everything writes PL_GLOBAL_SEED into the environment: keep it out of later tests.
+    with mock.patch.object(sys, "argv", ["lm-lightning"]), mock.patch.dict(os.environ):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else int(e.code is not None)
+    return 0
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every logged value of ``key``, in step order (a step may appear twice after a kill)."""
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def only_run(client, experiment_name: str):
+    """The one run of ``experiment_name``."""
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])
+    return run

@@ -1,0 +1,128 @@
+"""Continuing a run: what a checkpoint must hold beyond Lightning's state, and where ``--ckpt_path last`` points.
+
+A run's checkpoints live in ``<trainer.default_root_dir>/<experiment id>/<run id>/checkpoints/`` (Lightning's
+layout for an MLflow logger). Each checkpoint records its MLflow run id, so resuming from it continues
+that run: the same metrics history, and the same checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lm_lightning.callbacks import mlflow_logger
+from lm_lightning.checkpoint import LAST, load_checkpoint
+from lm_lightning.logger import mlflow_client, resolve_tracking_uri
+from lm_lightning.module import check_shape
+
+RUN_ID_KEY = "mlflow_run_id"
+
+
+class ResumeState(L.Callback):
+    """Adds to every checkpoint what Lightning leaves out and an exact resume needs: the states of the random
+    number generators (dropout masks continue as if never stopped) and the MLflow run id (lightning issue 6205).
+
+    Everything is stored as tensors and plain containers, so the checkpoint still loads with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        keys, pos, has_gauss, cached_gaussian = np.random.get_state()[1:]
+        numpy_state = {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+        return {
+            "python": random.getstate(),
+            "numpy": numpy_state,  # numpy's own tuple holds an ndarray, which weights_only refuses
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if torch.cuda.is_available():
+            for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, device)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if (logger := mlflow_logger(trainer)) is not None:
+            checkpoint[RUN_ID_KEY] = logger.run_id
+
+
+def _mlflow_logger_args(logger_config: Any) -> Namespace | None:
+    """The ``init_args`` of the configured logger if it is an MLflow logger, else ``None``."""
+    if not isinstance(logger_config, Namespace) or "class_path" not in logger_config:
+        return None
+    module, name = logger_config.class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    return logger_config.init_args if issubclass(cls, MLFlowLogger) else None
+
+
+def _client(logger_args: Namespace):
+    return mlflow_client(resolve_tracking_uri(logger_args.tracking_uri))
+
+
+def find_last_checkpoint(config: Namespace, logger_args: Namespace | None) -> Path | None:
+    """The ``last.ckpt`` that ``--ckpt_path last`` means: the most recently written one of the experiment
+    (``<default_root_dir>/<experiment id>/*/checkpoints/last.ckpt``), or the one in ``last_checkpoint.dirpath``
+    when that is set."""
+    if config.last_checkpoint.dirpath:
+        candidates = [Path(config.last_checkpoint.dirpath) / LAST]
+    else:
+        experiment = _client(logger_args).get_experiment_by_name(logger_args.experiment_name)
+        if experiment is None:
+            return None
+        candidates = list((Path(config.trainer.default_root_dir) / experiment.experiment_id).glob(f"*/checkpoints/{LAST}"))
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def resolve_ckpt_path(config: Namespace, subcommand: str) -> None:
+    """Turn ``config.ckpt_path`` into a checkpoint file and, when fitting, point the MLflow logger at its run.
+
+    Reads the checkpoint once (memory-mapped, ``weights_only``) before anything is built, so a missing,
+    truncated or unsafe checkpoint, or one of another model shape, is refused at once and no run is touched.
+    If the checkpoint's run is not in this tracking store (a checkpoint copied from elsewhere), training
+    continues from it in a new run.
+    """
+    if config.ckpt_path is None:
+        return
+    logger_args = _mlflow_logger_args(config.trainer.logger)
+    if config.ckpt_path == "last":
+        if logger_args is None and not config.last_checkpoint.dirpath:
+            return  # no MLflow run to find it by: Lightning resolves "last" in its own folders
+        found = find_last_checkpoint(config, logger_args)
+        if found is None:
+            where = config.last_checkpoint.dirpath or f"experiment {logger_args.experiment_name!r}"
+            rank_zero_warn(f"--ckpt_path last: no {LAST} found for {where}; starting from scratch")
+            config.ckpt_path = None
+            return
+        config.ckpt_path = str(found)
+    checkpoint = load_checkpoint(config.ckpt_path, mmap=True)
+    check_shape(checkpoint.get("hyper_parameters", {}), config.model.as_dict())  # before any run is touched
+    run_id = checkpoint.get(RUN_ID_KEY)
+    if subcommand != "fit" or logger_args is None or logger_args.run_id or not run_id:
+        return
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client(logger_args).get_run(run_id)
+    except MlflowException:
+        rank_zero_warn(f"the MLflow run {run_id} of {config.ckpt_path} is not in this tracking store; logging to a new run")
+        return
+    logger_args.run_id = run_id
+    rank_zero_info(f"resuming from {config.ckpt_path}, continuing MLflow run {run_id}")
