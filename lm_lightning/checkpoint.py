@@ -54,7 +54,7 @@ def load_checkpoint(path, map_location: Any = "cpu", mmap: bool = False) -> dict
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         # Every weights_only failure mentions weights_only; only a disallowed class names a global.
-        if "Unsupported global" in str(e):
+        if "unsupported global" in str(e).lower():
             why = "it holds objects that are not plain tensors and containers, refused for safety"
         else:
             why = f"it is truncated or not a checkpoint ({first})"

@@ -33,8 +33,8 @@ def precision_dtype(precision: str | None) -> torch.dtype:
 def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
     """FLOP/s of back-to-back ``n x n`` matmuls on this device: the practical peak of this machine."""
     device = torch.device(device_type)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)  # its own: the global RNG state belongs to training
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b

@@ -132,6 +132,8 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokenizer_json"] = self.tokenizer_json  # a plain str: loads with weights_only=True
         checkpoint["skipped_batches"] = self.skipped_batches
+        # The logging window in progress, so a resumed run logs the same window means.
+        checkpoint["train_loss_window"] = (float(self._loss_sum), self._loss_count)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses a checkpoint of another shape or tokenizer with one line, before its weights are loaded."""
@@ -139,6 +141,7 @@ class LanguageModel(L.LightningModule):
         _check_same_tokenizer(checkpoint.get("tokenizer_json"), self.tokenizer_json)
         self.tokenizer_json = checkpoint.get("tokenizer_json")
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        self._loss_sum, self._loss_count = checkpoint.get("train_loss_window", (0.0, 0))
 
     # --- steps -------------------------------------------------------------------------------
 

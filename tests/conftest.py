@@ -78,8 +78,12 @@ def english_text(n_bytes: int = 60_000) -> str:
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Every test runs in its own folder, with its own MLflow store and token cache."""
+    import mlflow
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # An in-process run sets MLflow's global tracking URI, which outranks the variable: point it here too.
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     monkeypatch.setenv("LM_LIGHTNING_CACHE", str(tmp_path / "cache"))
     return tmp_path
 

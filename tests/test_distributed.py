@@ -1,5 +1,7 @@
 """DDP with 2 CPU processes (gloo) through the real CLI."""
 
+import os
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -14,7 +16,7 @@ def test_ddp_trains_logs_one_run_and_validates_like_one_process(corpus, tiny_con
         "--trainer.logger.init_args.experiment_name", "ddp",
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # not the URI an earlier in-process run set globally
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1, "one MLflow run whatever the world size"
     (run,) = runs

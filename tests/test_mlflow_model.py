@@ -24,8 +24,8 @@ def test_samples_leave_the_training_random_state_untouched(tiny_run):
         assert torch.equal(before, after)
 
 
-def test_best_model_is_an_mlflow_model_that_generates_text(tiny_run, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_run["tracking_uri"])
+def test_best_model_is_an_mlflow_model_that_generates_text(tiny_run):
+    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
     uri = f"runs:/{tiny_run['run_id']}/model"
     files = {a.path.split("/", 1)[1] for a in MlflowClient().list_artifacts(tiny_run["run_id"], "model")}
     assert {"MLmodel", "serving.py", "artifacts", "code", "requirements.txt"} <= files
