@@ -74,7 +74,7 @@ def resolve_sources(path: str | None) -> list[Source]:
     """The files ``path`` names: a file, a folder (recursively), or a glob; ``None``: the built-in corpus."""
     if path is None:
         # Each topic is its own source, so validation holds the tail of every topic.
-        return [Source(f"{BUILTIN_CORPUS}/{topic}", len(text), 0) for topic, text in _builtin_topics()]
+        return [Source(f"{BUILTIN_CORPUS}/{topic}", len(text.encode()), 0) for topic, text in _builtin_topics()]
     expanded = os.path.expanduser(path)
     if glob_chars := any(c in expanded for c in "*?["):
         files = sorted(p for p in globlib.glob(expanded, recursive=True) if os.path.isfile(p))
@@ -173,19 +173,23 @@ def iter_documents(source: Source, jsonl_field: str) -> Iterator[Iterable[str]]:
         yield _read_pieces(source.path)
 
 
-def iter_sample(sources: list[Source], jsonl_field: str, max_chars: int) -> Iterator[str]:
-    """Text to train the tokenizer on: every source's beginning, ``max_chars`` characters in all,
-    shared equally between sources, so a huge corpus trains its tokenizer in bounded time."""
-    share = max(1, max_chars // len(sources))
+def iter_sample(sources: list[Source], jsonl_field: str, max_bytes: int, train_fraction: float) -> Iterator[str]:
+    """Text to train the tokenizer on: the training part of every source (its first ``train_fraction``
+    of bytes: validation text must not shape the vocabulary it is scored with), at most ``max_bytes``
+    in all, shared equally between sources, so a huge corpus trains its tokenizer in bounded time."""
+    share = max(1, max_bytes // len(sources))
     for source in sources:
-        taken = 0
+        left = min(share, int(source.size * train_fraction))
         for doc in iter_documents(source, jsonl_field):
             for piece in doc:
-                yield piece
-                taken += len(piece)
-                if taken >= share:
+                data = piece.encode("utf-8")
+                if len(data) >= left:
+                    yield data[:left].decode("utf-8", errors="ignore")
+                    left = 0
                     break
-            if taken >= share:
+                left -= len(data)
+                yield piece
+            if left <= 0:
                 break
 
 
@@ -388,7 +392,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         val_batch_size: int | None = None,
         jsonl_field: str = "text",
-        tokenizer_sample_chars: int = 100_000_000,
+        tokenizer_sample_bytes: int = 100_000_000,
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 1337,
@@ -405,8 +409,8 @@ class TextDataModule(L.LightningDataModule):
             val_fraction: The last fraction of each source's tokens, held out for validation.
             val_batch_size: Windows per validation batch. Unset: ``batch_size``.
             jsonl_field: The field of each .jsonl record that holds its text.
-            tokenizer_sample_chars: Characters of the corpus the tokenizer is trained on (shared equally
-                between files); the whole corpus is tokenized with it.
+            tokenizer_sample_bytes: Bytes of the corpus the tokenizer is trained on (shared equally between
+                files, from their training parts only); the whole corpus is tokenized with it.
             cache_dir: Where tokenizers and token caches are kept. Unset: ``$LM_LIGHTNING_CACHE``, else
                 ``~/.cache/lm_lightning``.
             num_workers: DataLoader worker processes (0 reads in the training process).
@@ -427,7 +431,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.val_fraction = val_fraction
         self.jsonl_field = jsonl_field
-        self.tokenizer_sample_chars = tokenizer_sample_chars
+        self.tokenizer_sample_bytes = tokenizer_sample_bytes
         self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else cache_root()
         self.num_workers = num_workers
         self.seed = seed
@@ -465,11 +469,13 @@ class TextDataModule(L.LightningDataModule):
             "sources": [s.fingerprint for s in sources],
             "vocab_size": self.vocab_size,
             "jsonl_field": self.jsonl_field,
-            "sample_chars": self.tokenizer_sample_chars,
+            "sample_bytes": self.tokenizer_sample_bytes,
+            "val_fraction": self.val_fraction,
         }
         if _read_json(self.folder / "tokenizer.meta.json") == wanted and path.is_file():
             return load_tokenizer(path)
-        tokenizer = train_tokenizer(iter_sample(sources, self.jsonl_field, self.tokenizer_sample_chars), self.vocab_size)
+        sample = iter_sample(sources, self.jsonl_field, self.tokenizer_sample_bytes, 1 - self.val_fraction)
+        tokenizer = train_tokenizer(sample, self.vocab_size)
         (self.folder / "tokenizer.meta.json").unlink(missing_ok=True)
         save_tokenizer(tokenizer, path)
         atomic_write_text(self.folder / "tokenizer.meta.json", json.dumps(wanted), "token cache metadata")

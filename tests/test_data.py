@@ -139,3 +139,12 @@ def test_builtin_corpus_needs_no_files():
     total = dm.meta["train_tokens"] + dm.meta["val_tokens"]
     assert dm.meta["val_tokens"] == pytest.approx(0.1 * total, rel=0.05)  # the tail of every topic
     assert " the " in dm.tokenizer.decode(np.asarray(dm.tokens["val"][:2000]).tolist())
+
+
+def test_tokenizer_never_sees_the_validation_text(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("the cat sat on the mat. " * 400 + "zyzzyva quokka " * 30)  # inside the last 10%: validation
+    dm = prepared(path, vocab_size=400)
+    vocab = [dm.tokenizer.decode([i]) for i in range(dm.tokenizer.get_vocab_size())]
+    assert any("mat" in t for t in vocab)
+    assert not any("zyzz" in t or "quok" in t for t in vocab), "validation words must not become tokens"
