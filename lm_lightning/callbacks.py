@@ -44,8 +44,12 @@ class TokensPerSecond(L.Callback):
             print(f"peak {self._peak / 1e12:.2f} TFLOP/s per device ({source}) for train/mfu")
         self._reset()
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._reset()
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._start = None  # restart at the next training batch: validation, samples and saves are not training
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._reset()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += batch[:, 1:].numel() * trainer.world_size

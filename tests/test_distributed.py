@@ -31,4 +31,5 @@ def test_ddp_trains_logs_one_run_and_validates_like_one_process(corpus, tiny_con
     assert single.returncode == 0, single.stderr[-3000:]
     (check,) = client.search_runs([client.get_experiment_by_name("single").experiment_id])
     for key in ("val/loss", "val/bpb"):
+        print(f"{key}: 2-process DDP {run.data.metrics[key]:.7f}, 1 process {check.data.metrics[key]:.7f}")
         assert check.data.metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-5), key
