@@ -112,6 +112,7 @@ def main() -> None:
             "rss_before_mb": round(baseline, 1),
             "peak_rss_mb": round(monitor.peak, 1),
             "cache_mb": round(sum(f.stat().st_size for f in dm.folder.glob("*.bin")) / 2**20, 1),
+            "cache_files": len(list(dm.folder.glob("*.bin"))),
             "loader_batches_per_s": round(loader_rate, 1),
             "train_steps_per_s": round(steps_rate, 2),
             "train_peak_rss_mb": round(train_monitor.peak, 1),

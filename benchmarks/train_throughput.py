@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_lightning.callbacks import TokensPerSecond
-from lm_lightning.data import ResumableLoader, ResumableSampler, TrainWindows
+from lm_lightning.data import ResumableLoader, ResumableSampler, TokenShards, TrainWindows
 from lm_lightning.hardware import peak_flops, precision_dtype
 from lm_lightning.logger import MLflowLogger
 from lm_lightning.module import LanguageModel, warmup_cosine
@@ -59,7 +59,7 @@ class WindowTimer(L.Callback):
 
 def batches(shape: dict, steps: int) -> ResumableLoader:
     tokens = np.random.default_rng(0).integers(0, shape["vocab_size"], size=4_000_000, dtype=np.uint16)
-    dataset = TrainWindows(tokens, shape["block_size"], shape["batch_size"], seed=0)
+    dataset = TrainWindows(TokenShards([tokens]), shape["block_size"], shape["batch_size"], seed=0)
     return ResumableLoader(dataset, sampler=ResumableSampler(steps), batch_size=None)
 
 

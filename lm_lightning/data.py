@@ -1,10 +1,10 @@
 """From raw text to batches: corpus sources, the token cache, datasets and ``TextDataModule``.
 
 The pipeline runs once per corpus and tokenizer (``prepare_data``): read the sources, train or load
-the tokenizer, tokenize in parallel batches, and write two memory-mapped token files (train and
-validation) with a ``meta.json`` that says exactly what they were built from. Training then reads
-``(batch_size, block_size + 1)`` windows straight out of the memmap, so memory does not grow
-with the corpus.
+the tokenizer, tokenize in parallel batches, and write the memory-mapped token files of each split
+(train and validation; shards of at most ``shard_tokens`` tokens) with a ``meta.json`` that says
+exactly what they were built from. Training then reads ``(batch_size, block_size + 1)`` windows
+straight out of the memmaps, so memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from lm_lightning.tokenizer import (
 
 BUILTIN_CORPUS = "builtin:pydoc_data"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _READ_BLOCK = 8 << 20  # bytes read at a time: bounded memory whatever the file size
 _PIECE_CHARS = 16 << 10  # characters per piece of text handed to the tokenizer
 _ENCODE_BATCH = 256  # pieces per encode_batch call (tokenizers encodes a batch on all cores)
@@ -194,7 +194,7 @@ def iter_sample(sources: list[Source], jsonl_field: str, max_bytes: int, train_f
 
 
 # --------------------------------------------------------------------------------------------
-# Token cache: train.bin / val.bin (memmaps) + meta.json, written atomically under a lock.
+# Token cache: shard files of each split (memmaps) + meta.json, written atomically under a lock.
 
 
 def _read_json(path: Path) -> dict | None:
@@ -208,76 +208,189 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _copy_bytes(src, dst, n: int) -> None:
-    """Copy ``n`` bytes with plain reads: a memmap would grow resident memory with the file."""
-    while n > 0:
-        chunk = src.read(min(n, _READ_BLOCK))
-        dst.write(chunk)
-        n -= len(chunk)
+def shard_path(folder: Path, split: str, index: int) -> Path:
+    return folder / f"{split}-{index:05d}.bin"
 
 
-def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path) -> dict:
-    """Tokenize every source into ``folder``/{train,val}.bin; return the meta that describes them.
+class ShardWriter:
+    """Appends a split's tokens to shard files of at most ``shard_tokens`` tokens each, under temporary
+    names until ``commit`` renames them all into place."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
+        self.sizes: list[int] = []
+        self._file = None
+        remove_stale_temporaries(folder / f"{split}-*.bin")  # of a build that was killed
+
+    def _temporary(self, index: int) -> Path:
+        return temporary_path(shard_path(self.folder, self.split, index))
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None or self.sizes[-1] == self.shard_tokens:
+                self.close()
+                self._file = open(self._temporary(len(self.sizes)), "wb")
+                self.sizes.append(0)
+            take = min(len(tokens), self.shard_tokens - self.sizes[-1])
+            tokens[:take].tofile(self._file)
+            self.sizes[-1] += take
+            tokens = tokens[take:]
+
+    def copy_from(self, file, n: int) -> None:
+        """Append the next ``n`` tokens of ``file``, a block at a time: memory stays bounded."""
+        while n > 0:
+            tokens = np.fromfile(file, dtype=self.dtype, count=min(n, _READ_BLOCK // self.dtype.itemsize))
+            if not len(tokens):
+                raise OSError(f"{file.name} ended {n} tokens early")
+            self.write(tokens)
+            n -= len(tokens)
+
+    def close(self) -> None:
+        """Flush the open shard to disk."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def commit(self) -> list[int]:
+        """Rename the (closed) shards into place, delete those of a previous, longer build; return their sizes."""
+        paths = [shard_path(self.folder, self.split, index) for index in range(len(self.sizes))]
+        for index, path in enumerate(paths):
+            os.replace(self._temporary(index), path)
+        for old in set(self.folder.glob(f"{self.split}-*.bin")) - set(paths):
+            old.unlink()
+        return self.sizes
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        for index in range(len(self.sizes)):
+            self._temporary(index).unlink(missing_ok=True)
+
+
+def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path, shard_tokens: int) -> dict:
+    """Tokenize every source into the shard files of ``folder``; return the meta that describes them.
 
     Each source's documents are joined with end-of-text tokens, and its last ``val_fraction`` of
     tokens goes to validation, so the split is deterministic and never overlaps training.
     """
     eot = tokenizer.token_to_id(EOT)
     dtype = token_dtype(tokenizer.get_vocab_size())
-    for name in ("train.bin", "val.bin", "source"):
-        remove_stale_temporaries(folder / name)  # of a build that was killed
-    tmp = {split: temporary_path(folder / f"{split}.bin") for split in ("train", "val")}
-    counts = {"train": 0, "val": 0}
+    remove_stale_temporaries(folder / "source")
+    scratch_path = temporary_path(folder / "source")
+    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in ("train", "val")}
     corpus_hash = hashlib.sha256()
     has_text = False
     total_bytes = sum(s.size for s in sources)
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=total_bytes < 64 << 20, file=sys.stderr)
     try:
-        with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f:
-            for source in sources:
-                # A source's tokens go to a scratch file first: the split point is known only at its end.
-                scratch_path = temporary_path(folder / "source")
-                n = 0
-                with open(scratch_path, "wb") as scratch:
-                    for doc in iter_documents(source, jsonl_field):
-                        for batch in iter_batches(doc, _ENCODE_BATCH):
-                            for text in batch:
-                                data = text.encode("utf-8")
-                                corpus_hash.update(data)
-                                progress.update(len(data))
-                                has_text = has_text or (bool(text) and not text.isspace())
-                            encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-                            ids = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
-                            ids.tofile(scratch)
-                            n += len(ids)
-                        np.asarray([eot], dtype=dtype).tofile(scratch)
-                        n += 1
-                n_val = int(round(n * val_fraction))
-                with open(scratch_path, "rb") as scratch:
-                    _copy_bytes(scratch, train_f, (n - n_val) * dtype.itemsize)
-                    _copy_bytes(scratch, val_f, n_val * dtype.itemsize)
-                if n_val:  # the training part stops mid-document: close it, so the next source starts clean
-                    np.asarray([eot], dtype=dtype).tofile(train_f)
-                    counts["train"] += 1
-                counts["train"] += n - n_val
-                counts["val"] += n_val
-                scratch_path.unlink()
-            for f in (train_f, val_f):
-                f.flush()
-                os.fsync(f.fileno())
-        meta = {"train_tokens": counts["train"], "val_tokens": counts["val"], "dtype": dtype.name, "corpus_sha256": corpus_hash.hexdigest(), "has_text": has_text}
+        for source in sources:
+            # A source's tokens go to a scratch file first: the split point is known only at its end.
+            n = 0
+            with open(scratch_path, "wb") as scratch:
+                for doc in iter_documents(source, jsonl_field):
+                    for batch in iter_batches(doc, _ENCODE_BATCH):
+                        for text in batch:
+                            data = text.encode("utf-8")
+                            corpus_hash.update(data)
+                            progress.update(len(data))
+                            has_text = has_text or (bool(text) and not text.isspace())
+                        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+                        ids = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
+                        ids.tofile(scratch)
+                        n += len(ids)
+                    np.asarray([eot], dtype=dtype).tofile(scratch)
+                    n += 1
+            n_val = int(round(n * val_fraction))
+            with open(scratch_path, "rb") as scratch:
+                writers["train"].copy_from(scratch, n - n_val)
+                writers["val"].copy_from(scratch, n_val)
+            if n_val:  # the training part stops mid-document: close it, so the next source starts clean
+                writers["train"].write(np.asarray([eot], dtype=dtype))
+        for writer in writers.values():
+            writer.close()
         (folder / "meta.json").unlink(missing_ok=True)  # from here until the new meta lands, the cache reads as absent
-        for split, path in tmp.items():
-            os.replace(path, folder / f"{split}.bin")
-        return meta
+        shards = {split: writer.commit() for split, writer in writers.items()}
+        return {
+            **{f"{split}_tokens": sum(sizes) for split, sizes in shards.items()},
+            **{f"{split}_shards": sizes for split, sizes in shards.items()},
+            "dtype": dtype.name,
+            "corpus_sha256": corpus_hash.hexdigest(),
+            "has_text": has_text,
+        }
     except OSError as e:  # a full disk, mostly; the files it read or wrote are named when known
         where = f" ({e.filename})" if e.filename else ""
         why = f"{e.strerror or e}{where}"
         raise WriteError(f"cannot build the token cache in {folder}: {why}; the previous cache is intact") from e
     finally:
         progress.close()
-        for path in (*tmp.values(), temporary_path(folder / "source")):
-            path.unlink(missing_ok=True)
+        for writer in writers.values():
+            writer.discard()
+        scratch_path.unlink(missing_ok=True)
+
+
+class TokenShards:
+    """One split of the token cache: its shard files, read as one sequence of tokens.
+
+    Pickled as file names, so DataLoader workers map the files themselves whatever the start method
+    (a pickled ``np.memmap`` is copied into memory whole).
+    """
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
+        self.starts = np.cumsum(self.sizes) - self.sizes
+        self.dtype = shards[0].dtype if shards else np.dtype(np.uint16)
+        self._files: tuple | None = None
+
+    @classmethod
+    def open(cls, paths: list[str], sizes: list[int], dtype: str) -> TokenShards:
+        tokens = cls([np.memmap(p, dtype=dtype, mode="r", shape=(n,)) for p, n in zip(paths, sizes)])
+        tokens._files = ([str(p) for p in paths], list(sizes), np.dtype(dtype).name)
+        return tokens
+
+    def __getstate__(self) -> dict:
+        return {"files": self._files} if self._files else self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(TokenShards.open(*state["files"]).__dict__ if "files" in state else state)
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:].astype(dtype or self.dtype, copy=False)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """Tokens ``[start, stop)``, read across shard boundaries (step 1 only)."""
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("TokenShards reads contiguous ranges only")
+        parts = []
+        index = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            local = start - int(self.starts[index])
+            take = min(stop - start, int(self.sizes[index]) - local)
+            parts.append(self.shards[index][local : local + take])
+            start += take
+            index += 1
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows ``tokens[s : s + length]`` for ``s`` in ``starts``: one vectorised gather per shard;
+        the rare window across a shard boundary is read piecewise."""
+        index = np.searchsorted(self.starts, starts, side="right") - 1
+        local = starts - self.starts[index]
+        inside = local + length <= self.sizes[index]
+        out = np.empty((len(starts), length), dtype=self.dtype)
+        offsets = np.arange(length)
+        for shard in np.unique(index[inside]):
+            rows = np.flatnonzero(inside & (index == shard))
+            out[rows] = self.shards[shard][local[rows, None] + offsets]
+        for row in np.flatnonzero(~inside):
+            out[row] = self[int(starts[row]) : int(starts[row]) + length]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,19 +404,18 @@ class TrainWindows(Dataset):
     gives exactly the batches an uninterrupted run would have seen, whatever ``num_workers`` is.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0):
+    def __init__(self, tokens: TokenShards, block_size: int, batch_size: int, seed: int, rank: int = 0):
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
-        self._arange = np.arange(block_size + 1)
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         epoch, i = key
         rng = np.random.default_rng([self.seed, self.rank, epoch, i])
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        return torch.from_numpy(self.tokens[starts[:, None] + self._arange].astype(np.int64))
+        return torch.from_numpy(self.tokens.windows(starts, self.block_size + 1).astype(np.int64))
 
 
 class ResumableSampler(Sampler):
@@ -364,7 +476,7 @@ class ValWindows(Dataset):
     once. Rank ``r`` of ``w`` takes windows ``r, r + w, ...``: no duplicates, no gaps.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, tokens: TokenShards, block_size: int, rank: int = 0, world_size: int = 1):
         self.tokens = tokens
         self.block_size = block_size
         self.windows = range(rank, (len(tokens) - 1) // block_size, world_size)
@@ -393,6 +505,7 @@ class TextDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         jsonl_field: str = "text",
         tokenizer_sample_bytes: int = 100_000_000,
+        shard_tokens: int = 100_000_000,
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 1337,
@@ -411,6 +524,9 @@ class TextDataModule(L.LightningDataModule):
             jsonl_field: The field of each .jsonl record that holds its text.
             tokenizer_sample_bytes: Bytes of the corpus the tokenizer is trained on (shared equally between
                 files, from their training parts only); the whole corpus is tokenized with it.
+            shard_tokens: Tokens per file of the token cache (200 MB at the default and a vocabulary of
+                up to 65536): a larger corpus is cached in several files, which copy, sync and upload
+                one at a time.
             cache_dir: Where tokenizers and token caches are kept. Unset: ``$LM_LIGHTNING_CACHE``, else
                 ``~/.cache/lm_lightning``.
             num_workers: DataLoader worker processes (0 reads in the training process).
@@ -419,7 +535,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("shard_tokens", shard_tokens)):
             if value < 1:
                 raise DataError(f"data.{name}={value} must be a positive integer")
         self.save_hyperparameters()
@@ -432,6 +548,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.jsonl_field = jsonl_field
         self.tokenizer_sample_bytes = tokenizer_sample_bytes
+        self.shard_tokens = shard_tokens
         self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else cache_root()
         self.num_workers = num_workers
         self.seed = seed
@@ -489,18 +606,23 @@ class TextDataModule(L.LightningDataModule):
             expected = self._expected_meta(sources, tokenizer)
             meta = _read_json(self.folder / "meta.json")
             if meta is None or {k: meta.get(k) for k in expected} != expected or not self._bins_match(meta):
-                built = tokenize_corpus(sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder)
+                built = tokenize_corpus(sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder, self.shard_tokens)
                 meta = {**expected, **built, "tokenizer_json": tokenizer.to_str()}
                 atomic_write_text(self.folder / "meta.json", json.dumps(meta), "token cache metadata")
         self._check_sizes(meta)
 
     def _bins_match(self, meta: dict) -> bool:
+        """Every shard file the meta lists is there, whole."""
         itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
-        return all(
-            (self.folder / f"{split}.bin").is_file()
-            and (self.folder / f"{split}.bin").stat().st_size == meta.get(f"{split}_tokens", -1) * itemsize
-            for split in ("train", "val")
-        )
+        for split in ("train", "val"):
+            sizes = meta.get(f"{split}_shards")
+            if not isinstance(sizes, list) or sum(sizes) != meta.get(f"{split}_tokens"):
+                return False
+            for index, n in enumerate(sizes):
+                path = shard_path(self.folder, split, index)
+                if not path.is_file() or path.stat().st_size != n * itemsize:
+                    return False
+        return True
 
     def _check_sizes(self, meta: dict) -> None:
         where = "the built-in corpus" if self.path is None else f"data.path {self.path!r}"
@@ -524,9 +646,12 @@ class TextDataModule(L.LightningDataModule):
         self._check_sizes(meta)
         self.meta = meta
         self.tokenizer = tokenizer_from_str(meta["tokenizer_json"], source=str(self.folder / "meta.json"))
-        dtype = np.dtype(meta["dtype"])
         self.tokens = {
-            split: np.memmap(self.folder / f"{split}.bin", dtype=dtype, mode="r", shape=(meta[f"{split}_tokens"],))
+            split: TokenShards.open(
+                [shard_path(self.folder, split, i) for i in range(len(meta[f"{split}_shards"]))],
+                meta[f"{split}_shards"],
+                meta["dtype"],
+            )
             for split in ("train", "val")
         }
 

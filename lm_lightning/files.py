@@ -32,9 +32,10 @@ def temporary_path(path: Path) -> Path:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files of ``path`` left by processes that died mid-write (``kill -9``, power loss)."""
+    """Delete temporary files of ``path`` (a name or a glob pattern) left by processes that died mid-write
+    (``kill -9``, power loss)."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        pid = tmp.name.rsplit(".", 2)[1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
 

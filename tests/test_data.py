@@ -1,11 +1,20 @@
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from lm_lightning.data import DataError, ResumableSampler, TextDataModule, TrainWindows, ValWindows, resolve_sources
+from lm_lightning.data import (
+    DataError,
+    ResumableSampler,
+    TextDataModule,
+    TokenShards,
+    TrainWindows,
+    ValWindows,
+    resolve_sources,
+)
 from lm_lightning.tokenizer import EOT, save_tokenizer, train_tokenizer
 
 from conftest import BAD_CORPORA, CHINESE, english_text
@@ -61,7 +70,7 @@ def test_validation_is_the_tail_and_never_overlaps_training(corpus):
 
 def test_cache_is_reused_and_rebuilt_when_corpus_or_tokenizer_changes(corpus, tmp_path):
     dm = prepared(corpus)
-    train_bin = dm.folder / "train.bin"
+    train_bin = dm.folder / "train-00000.bin"
     first = train_bin.stat().st_mtime_ns
     prepared(corpus)
     assert train_bin.stat().st_mtime_ns == first, "an unchanged corpus must reuse the cache"
@@ -81,16 +90,51 @@ def test_a_half_written_cache_is_never_taken_for_whole(corpus):
     dm = prepared(corpus)
     meta = json.loads((dm.folder / "meta.json").read_text())
     # A run killed while writing: the token file is shorter than its meta says.
-    with open(dm.folder / "train.bin", "r+b") as f:
+    with open(dm.folder / "train-00000.bin", "r+b") as f:
         f.truncate(100)
     dm2 = prepared(corpus)
     assert dm2.meta["train_tokens"] == meta["train_tokens"]
-    assert (dm.folder / "train.bin").stat().st_size == meta["train_tokens"] * 2
+    assert (dm.folder / "train-00000.bin").stat().st_size == meta["train_tokens"] * 2
     assert not list(dm.folder.glob(".*.tmp")), "no temporary files may be left behind"
 
 
+def test_a_sharded_cache_reads_as_the_same_token_stream(corpus, tmp_path):
+    whole = prepared(corpus, cache_dir=str(tmp_path / "whole"))
+    sharded = prepared(corpus, cache_dir=str(tmp_path / "sharded"), shard_tokens=1000)
+    n_train = sharded.meta["train_tokens"]
+    assert len(sharded.meta["train_shards"]) == -(-n_train // 1000) > 2
+    assert sorted(p.name for p in sharded.folder.glob("train-*.bin"))[:2] == ["train-00000.bin", "train-00001.bin"]
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(sharded.tokens[split]), np.asarray(whole.tokens[split]))
+    # The same training batches and validation windows, windows across shard boundaries included.
+    a = TrainWindows(whole.tokens["train"], block_size=16, batch_size=256, seed=3)
+    b = TrainWindows(sharded.tokens["train"], block_size=16, batch_size=256, seed=3)
+    assert all(torch.equal(a[(0, i)], b[(0, i)]) for i in range(4))
+    va, vb = ValWindows(whole.tokens["val"], 16), ValWindows(sharded.tokens["val"], 16)
+    assert len(va) == len(vb) and all(torch.equal(va[i], vb[i]) for i in range(len(va)))
+    # A rebuild into fewer shards leaves none of the old ones behind.
+    rebuilt = prepared(corpus, cache_dir=str(tmp_path / "sharded"), shard_tokens=3000, vocab_size=400)
+    assert len(list(rebuilt.folder.glob("train-*.bin"))) == len(rebuilt.meta["train_shards"]) < len(sharded.meta["train_shards"])
+
+
+def test_token_shards_pickle_as_file_names(corpus):
+    dm = prepared(corpus, shard_tokens=5000)
+    data = pickle.dumps(dm.tokens["train"])
+    assert len(data) < len(dm.tokens["train"]) / 10, "DataLoader workers must map the files, not receive a copy of the tokens"
+    again = pickle.loads(data)
+    assert np.array_equal(np.asarray(again), np.asarray(dm.tokens["train"]))
+
+
+def test_token_shards_gather_windows_across_boundaries():
+    stream = np.arange(50, dtype=np.uint16)
+    tokens = TokenShards([stream[:7], stream[7:8], stream[8:30], stream[30:]])
+    starts = np.array([0, 5, 6, 7, 8, 25, 29, 40])
+    assert np.array_equal(tokens.windows(starts, 10), stream[starts[:, None] + np.arange(10)])
+    assert np.array_equal(tokens[3:45], stream[3:45]) and len(tokens) == 50
+
+
 def test_train_windows_are_deterministic_per_key_and_rank():
-    tokens = np.arange(1000, dtype=np.uint16)
+    tokens = TokenShards([np.arange(1000, dtype=np.uint16)])
     ds = TrainWindows(tokens, block_size=8, batch_size=4, seed=1)
     a, b = ds[(0, 3)], ds[(0, 3)]
     assert a.shape == (4, 9) and a.dtype == torch.long
@@ -111,7 +155,7 @@ def test_sampler_resumes_mid_epoch_only():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_validation_windows_cover_every_target_once_across_ranks(world_size):
-    tokens = np.arange(103, dtype=np.uint16)
+    tokens = TokenShards([np.arange(103, dtype=np.uint16)])
     targets = []
     for rank in range(world_size):
         ds = ValWindows(tokens, block_size=10, rank=rank, world_size=world_size)
