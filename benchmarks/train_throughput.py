@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from lm_lightning.callbacks import TokensPerSecond
-from lm_lightning.data import ResumableLoader, ResumableSampler, TokenShards, TrainWindows
+from lm_lightning.data.cache import TokenShards
+from lm_lightning.data.windows import ResumableLoader, ResumableSampler, TrainWindows
 from lm_lightning.hardware import peak_flops, precision_dtype
-from lm_lightning.logger import MLflowLogger
+from lm_lightning.tracking.logger import MLflowLogger
 from lm_lightning.module import LanguageModel, warmup_cosine
 
 SHAPES = {

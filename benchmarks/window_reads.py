@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lm_lightning.data import TokenShards
+from lm_lightning.data.cache import TokenShards
 
 
 def proc_value(path: str, field: str) -> int:

@@ -1,23 +1,26 @@
-"""Callbacks of our own: throughput, a graceful Ctrl-C, and what every run records in MLflow."""
+"""The Lightning side of training: callbacks of our own (throughput, a graceful Ctrl-C, text samples, what
+an exact resume needs, ``last.ckpt``) and the atomic checkpoint writer."""
 
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lm_lightning.generate import TextGenerator, check_sampling
+from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from lm_lightning.generate import Sampling, TextGenerator
 from lm_lightning.hardware import peak_flops, precision_dtype
-from lm_lightning.mlflow_model import log_text_model
 from lm_lightning.tokenizer import tokenizer_from_str
+from lm_lightning.tracking.logger import mlflow_logger
+from lm_lightning.tracking.records import log_samples
 
 
 class TokensPerSecond(L.Callback):
@@ -86,112 +89,6 @@ class GracefulCtrlC(L.Callback):
         signal.signal(signal.SIGINT, on_ctrl_c)
 
 
-def git_commit(path: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
-    return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-
-
-# Config keys that say how this invocation was started, not what the run is: never params.
-NOT_PARAMS = ("config", "ckpt_path", "trainer.logger.init_args.run_id")
-
-
-class MLflowConfig(SaveConfigCallback):
-    """Logs the resolved config to the MLflow run: as dotted params and as ``config.yaml``.
-
-    A resumed run keeps its ``config.yaml`` and gets the config it was resumed with as
-    ``config-resume-<n>.yaml``; its params are only added to (see ``MLflowLogger.log_hyperparams``).
-
-    Replaces LightningCLI's ``SaveConfigCallback``, which asserts a ``log_dir`` that an MLflow
-    logger with a database or server tracking URI does not have (lightning issue 19441).
-    """
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        logger = mlflow_logger(trainer)
-        if logger is None:
-            return
-        name = "config.yaml"
-        if getattr(logger, "resumed", False):
-            logged = [a.path for a in logger.experiment.list_artifacts(logger.run_id)]
-            name = f"config-resume-{sum(p.startswith('config-resume-') for p in logged) + 1}.yaml"
-        logger.experiment.log_text(logger.run_id, self.parser.dump(self.config, skip_none=False), name)
-        params = flatten(self.config.as_dict())
-        logger.log_hyperparams({k: v for k, v in params.items() if k not in NOT_PARAMS})
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-class MLflowRunInfo(L.Callback):
-    """Tags the MLflow run (git commit, corpus hash, parameter count), logs the tokenizer, and says where things are."""
-
-    def _log_run_info(self, trainer, pl_module) -> None:
-        logger = mlflow_logger(trainer)
-        if logger is None:
-            return
-        datamodule = trainer.datamodule
-        tags = {"n_params": str(pl_module.model.num_params()), "vocab_size": str(pl_module.model.config.vocab_size)}
-        if commit := git_commit(Path.cwd()):
-            tags["git_commit"] = commit
-        if datamodule is not None and datamodule.meta:
-            tags["corpus_sha256"] = datamodule.meta["corpus_sha256"]
-            tags["tokenizer"] = datamodule.meta["tokenizer"]
-            tags["data.path"] = str(datamodule.path or "builtin:pydoc_data")
-        for key, value in tags.items():
-            logger.experiment.set_tag(logger.run_id, key, value)
-        if pl_module.tokenizer_json:
-            logger.experiment.log_text(logger.run_id, pl_module.tokenizer_json, "tokenizer/tokenizer.json")
-
-    @rank_zero_only
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._log_run_info(trainer, pl_module)
-
-    @rank_zero_only
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "validate":
-            self._log_run_info(trainer, pl_module)
-
-    @rank_zero_only
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._log_run_info(trainer, pl_module)
-
-    @rank_zero_only
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # When the first step starts (after data preparation and setup): time-to-quality is measured from here.
-        logger = mlflow_logger(trainer)
-        if logger is not None and trainer.global_step == 0 and batch_idx == 0:
-            logger.experiment.set_tag(logger.run_id, "train_start_ms", str(int(time.time() * 1000)))
-
-    @rank_zero_only
-    def on_fit_end(self, trainer, pl_module) -> None:
-        logger = mlflow_logger(trainer)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if logger is not None and best:
-            logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(Path(best).resolve()))
-        # The logger's log_model switch covers the servable model as well as the checkpoint files.
-        if logger is not None and best and getattr(logger, "_log_model", False):
-            log_text_model(logger, best)
-        if best:
-            print(f"best checkpoint: {Path(best).resolve()}")
-        if logger is not None:
-            print(f"MLflow run: {logger.run_id} (experiment {logger.experiment_name!r}, tracking {logger.tracking_uri}; browse with: mlflow ui)")
-
-
 class TextSamples(L.Callback):
     """At each validation of ``fit``, continues a few fixed prompts and logs the text to the MLflow run
     as ``samples/step_000200.txt``, so runs' samples compare side by side as training progresses.
@@ -200,26 +97,17 @@ class TextSamples(L.Callback):
     training's random state is untouched.
     """
 
-    def __init__(
-        self,
-        prompts: list[str] | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        seed: int = 1234,
-    ):
+    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 64, seed: int = 1234, **sampling):
         """
         Args:
             prompts: Prompts to continue, e.g. ``["ROMEO:", "床前明月光"]``; ``""`` starts a new document.
                 Unset: ``[""]``, which suits any corpus. ``[]`` turns samples off.
             max_new_tokens: Tokens generated per prompt.
-            temperature: Softmax temperature of the sampler (0: greedy).
-            top_k: Sample only from the ``top_k`` most likely tokens. Unset: from all.
             seed: Seed of the sampler's own generator.
+            sampling: The other ``Sampling`` settings (temperature, top_k, top_p, stop).
         """
-        check_sampling(max_new_tokens, 1, temperature, top_k, 1.0)
+        self.sampling = Sampling(max_new_tokens=max_new_tokens, seed=seed, **sampling)
         self.prompts = [""] if prompts is None else list(prompts)
-        self.kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
         self._generator: TextGenerator | None = None
 
     @rank_zero_only
@@ -230,6 +118,76 @@ class TextSamples(L.Callback):
         if self._generator is None:
             self._generator = TextGenerator(pl_module.model, tokenizer_from_str(pl_module.tokenizer_json))
         # Lightning puts the model back in train mode only after on_validation_end: dropout is off here.
-        texts = [self._generator.generate(prompt, **self.kwargs)[0] for prompt in self.prompts]
-        body = "".join(f"### prompt {prompt!r}\n{prompt}{text}\n\n" for prompt, text in zip(self.prompts, texts))
-        logger.experiment.log_text(logger.run_id, body, f"samples/step_{trainer.global_step:06d}.txt")
+        texts = [self._generator.complete(prompt, self.sampling)[0] for prompt in self.prompts]
+        log_samples(logger, trainer.global_step, self.prompts, texts)
+
+
+class ResumeState(L.Callback):
+    """Adds to every checkpoint what Lightning leaves out and an exact resume needs: the states of the random
+    number generators (dropout masks continue as if never stopped) and the MLflow run id (lightning issue 6205).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_states()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_states(state)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if (logger := mlflow_logger(trainer)) is not None:
+            checkpoint[RUN_ID_KEY] = logger.run_id
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt``, the checkpoint a run resumes from: every ``every_n_train_steps`` steps, when
+    training ends (early stopping included), and when SIGTERM (or a first Ctrl-C, see ``GracefulCtrlC``)
+    stops the run at the end of a step.
+
+    ``ModelCheckpoint`` alone writes ``last.ckpt`` only when it saves something else, so a step-based
+    ``last`` would miss the final steps and a stopped run would lose everything since the last save.
+    It never saves on other exceptions, which can strike mid-step: after a crash, a non-finite loss or a
+    second Ctrl-C, the last good checkpoint stays.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 100):
+        """
+        Args:
+            dirpath: Folder of ``last.ckpt``. Unset: the run's ``checkpoints`` folder, next to ``best.ckpt``.
+            every_n_train_steps: Steps between saves; a ``kill -9`` loses at most this many steps.
+        """
+        # Always overwrite last.ckpt: a version counter would write last-v1.ckpt beside it after a resume.
+        super().__init__(
+            dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps, enable_version_counter=False
+        )
+
+    def _save_last_now(self, trainer: L.Trainer) -> None:
+        # ModelCheckpoint's own private steps of a save (pinned by tests/test_lightning_internals.py): there is
+        # no public "save last now".
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_last_now(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save_last_now(trainer)
+            rank_zero_info(f"stopped at step {trainer.global_step}; saved {self.last_model_path}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves to a temporary file in the same folder, then renames it over the target (``save_checkpoint``).
+
+    A run killed mid-save (``kill -9``) or a full disk leaves the previous checkpoint as it was, never a
+    truncated file that looks whole; the temporaries of killed runs are removed on the next save. (Lightning's
+    own writer buffers the whole checkpoint in memory first, and leaves no temporary to recognise.) Reads are
+    ``weights_only``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location)

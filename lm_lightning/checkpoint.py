@@ -1,47 +1,57 @@
-"""Checkpoint files: when ``last.ckpt`` is written, written atomically, read without unpickling arbitrary objects."""
+"""The checkpoint contract: what a checkpoint holds beyond Lightning's own keys, how it is written
+(atomically) and read (``weights_only``, never unpickling code), and how it is checked against a config.
+
+A training checkpoint is Lightning's dictionary (``state_dict``, ``optimizer_states``, ``loops``,
+``callbacks``, ``hyper_parameters``, ...) plus these keys, all plain strings, numbers, tensors and
+containers, so that it loads with ``torch.load(weights_only=True)``:
+
+- ``tokenizer_json``: the tokenizer, whole (generation and export need nothing else);
+- ``skipped_batches``: batches skipped for a non-finite loss (``--model.nonfinite_loss skip``);
+- ``mlflow_run_id``: the MLflow run that wrote it, which a resume continues;
+- ``callbacks["ResumeState"]``: the random number generators' states (see ``rng_states``).
+
+Checkpoints written before the training-loss window became a metric hold it as ``train_loss_window``
+(a sum and a count); ``LanguageModel`` reads either.
+"""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tokenizers import Tokenizer
 
+from lm_lightning.errors import UserError
 from lm_lightning.files import atomic_write
 from lm_lightning.model import GPT, GPTConfig
 from lm_lightning.tokenizer import tokenizer_from_str
 
 LAST = "last.ckpt"
+TOKENIZER_KEY = "tokenizer_json"
+SKIPPED_BATCHES_KEY = "skipped_batches"
+RUN_ID_KEY = "mlflow_run_id"
+LEGACY_LOSS_WINDOW_KEY = "train_loss_window"
+
+# Every model field but dropout fixes the weights' shapes or meaning: a checkpoint must match them all.
+SHAPE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "dropout")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used."""
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Saves to a temporary file in the same folder, then renames it over the target.
-
-    A run killed mid-save (``kill -9``) or a full disk leaves the previous checkpoint as it was, never a
-    truncated file that looks whole; the temporaries of killed runs are removed on the next save. (Lightning's
-    own writer buffers the whole checkpoint in memory first, and leaves no temporary to recognise.)
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), "checkpoint")
-
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint(path, map_location)
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Write ``checkpoint`` to a temporary file in the same folder, then rename it over ``path``: a kill or a full
+    disk mid-save leaves the previous file whole."""
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), "checkpoint")
 
 
-def load_checkpoint(path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with one-line errors for a missing, truncated or unsafe file.
 
     ``mmap=True`` maps tensors instead of reading them: a cheap way to read a large checkpoint's metadata.
@@ -61,48 +71,79 @@ def load_checkpoint(path, map_location: Any = "cpu", mmap: bool = False) -> dict
         raise CheckpointError(f"cannot load checkpoint {path}: {why}") from None
 
 
-def load_gpt(path, map_location: Any = "cpu") -> tuple[GPT, Tokenizer]:
+def model_config(hparams: Mapping[str, Any]) -> GPTConfig:
+    """The model fields among a checkpoint's (or a config's) hyperparameters; absent fields take their
+    defaults, which are what checkpoints written before the field existed were trained with."""
+    names = {f.name for f in fields(GPTConfig)}
+    try:
+        return GPTConfig(**{k: v for k, v in hparams.items() if k in names})
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's model config is not valid: {e}") from None
+
+
+def check_shape(saved: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuse, with one line, a checkpoint whose model (its saved hyperparameters) differs from ``config``'s.
+
+    A field ``config`` leaves unset (``None``, e.g. ``vocab_size``) is taken from the checkpoint.
+    """
+    defaults = GPTConfig()
+    differ = [
+        f"{k}={saved.get(k, getattr(defaults, k))} (config: {config[k]})"
+        for k in SHAPE_KEYS
+        if config.get(k) is not None and saved.get(k, getattr(defaults, k)) != config[k]
+    ]
+    if differ:
+        raise CheckpointError(
+            f"the checkpoint has a different model shape: {', '.join(differ)}; "
+            "set model.* to the checkpoint's values (its position table fixes model.block_size)"
+        )
+
+
+def check_same_tokenizer(checkpoint_json: str | None, data_json: str | None) -> None:
+    """Refuse a checkpoint whose tokenizer is not the data's."""
+    if checkpoint_json is not None and data_json is not None and checkpoint_json != data_json:
+        raise CheckpointError(
+            "the checkpoint's tokenizer differs from the data's tokenizer; set data.tokenizer_path to the "
+            "tokenizer the checkpoint was trained with (lm-lightning saves it in the run's artifacts)"
+        )
+
+
+def load_gpt(path: str | Path, map_location: Any = "cpu") -> tuple[GPT, Tokenizer]:
     """The model (in eval mode) and tokenizer of a training checkpoint: what generation and export need."""
     checkpoint = load_checkpoint(path, map_location)
     hparams = checkpoint.get("hyper_parameters") or {}
-    if not checkpoint.get("tokenizer_json") or "state_dict" not in checkpoint or "vocab_size" not in hparams:
+    if not checkpoint.get(TOKENIZER_KEY) or "state_dict" not in checkpoint or "vocab_size" not in hparams:
         raise CheckpointError(f"cannot load checkpoint {path}: it is not an lm-lightning training checkpoint")
-    config = GPTConfig(**{name: hparams[name] for name in GPTConfig.__dataclass_fields__ if name in hparams})
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model = GPT(config)
+    model = GPT(model_config(hparams))
     model.load_state_dict(state)
-    return model.eval(), tokenizer_from_str(checkpoint["tokenizer_json"], source=str(path))
+    return model.eval(), tokenizer_from_str(checkpoint[TOKENIZER_KEY], source=str(path))
 
-class LastCheckpoint(ModelCheckpoint):
-    """Writes ``last.ckpt``, the checkpoint a run resumes from: every ``every_n_train_steps`` steps, when
-    training ends (early stopping included), and when SIGTERM (or a first Ctrl-C, see ``GracefulCtrlC``)
-    stops the run at the end of a step.
 
-    ``ModelCheckpoint`` alone writes ``last.ckpt`` only when it saves something else, so a step-based
-    ``last`` would miss the final steps and a stopped run would lose everything since the last save.
-    It never saves on other exceptions, which can strike mid-step: after a crash, a non-finite loss or a
-    second Ctrl-C, the last good checkpoint stays.
-    """
+def rng_states() -> dict[str, Any]:
+    """The states of Python's, numpy's and torch's (CPU and CUDA) generators, as tensors and plain containers
+    (numpy's own tuple holds an ndarray, which ``weights_only`` refuses)."""
+    keys, pos, has_gauss, cached_gaussian = np.random.get_state()[1:]
+    numpy_state = {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
-    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 100):
-        """
-        Args:
-            dirpath: Folder of ``last.ckpt``. Unset: the run's ``checkpoints`` folder, next to ``best.ckpt``.
-            every_n_train_steps: Steps between saves; a ``kill -9`` loses at most this many steps.
-        """
-        # Always overwrite last.ckpt: a version counter would write last-v1.ckpt beside it after a resume.
-        super().__init__(
-            dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps, enable_version_counter=False
-        )
 
-    def _save_last_now(self, trainer: L.Trainer) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save_last_now(trainer)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            self._save_last_now(trainer)
-            rank_zero_info(f"stopped at step {trainer.global_step}; saved {self.last_model_path}")
+def restore_rng_states(state: dict[str, Any]) -> None:
+    """Put back the generators' states saved by ``rng_states``."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -12,7 +12,8 @@ from jsonargparse import auto_cli
 
 from lm_lightning.checkpoint import load_gpt
 from lm_lightning.export import export_pretrained
-from lm_lightning.generate import TextGenerator, check_sampling
+from lm_lightning.errors import UserError
+from lm_lightning.generate import Sampling, SamplingError, TextGenerator
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
@@ -23,12 +24,12 @@ def _read_prompt(prompt: str, prompt_file: str | None) -> str:
     if prompt_file is None:
         return prompt
     if prompt:
-        raise ValueError("pass --prompt or --prompt_file, not both")
+        raise UserError("pass --prompt or --prompt_file, not both")
     if prompt_file == "-":
         return sys.stdin.read()
     path = Path(prompt_file)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise UserError(f"prompt file {path} does not exist; pass an existing UTF-8 file, or - for standard input")
     return path.read_text(encoding="utf-8")
 
 
@@ -36,15 +37,10 @@ def generate(
     ckpt_path: str,
     prompt: str = "",
     prompt_file: str | None = None,
-    max_new_tokens: int = 100,
     num_samples: int = 1,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
     stream: bool = False,
     device: str = "auto",
+    **sampling,
 ) -> None:
     """Continue a prompt with a trained model and print each sample (the prompt, then its continuation).
 
@@ -52,22 +48,19 @@ def generate(
         ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, or a folder written by ``lm-lightning export``.
         prompt: Text to continue. Empty: start a new document (from the end-of-text token).
         prompt_file: Read the prompt from this UTF-8 file instead; ``-`` reads standard input.
-        max_new_tokens: Tokens to generate per sample (fewer if it stops earlier).
         num_samples: Samples to generate, in one batch.
-        temperature: Softmax temperature; 0 is greedy decoding, below 1 is more conservative, above 1 more random.
-        top_k: Sample only from the ``top_k`` most likely tokens. Unset: from all.
-        top_p: Nucleus sampling: only from the most likely tokens whose probabilities add up to ``top_p``, in (0, 1].
-        seed: Seed of the sampler; the same seed gives the same text. Unset: different text each time.
-        stop: Strings that end a sample (not printed), e.g. ``'["\\n\\n"]'``. Samples also end at end-of-text.
         stream: Print the first sample token by token as it is generated (the others follow when done).
         device: ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto`` picks a GPU if there is one.
+        sampling: How tokens are drawn (``Sampling``): max_new_tokens, temperature, top_k, top_p, seed, stop.
     """
-    check_sampling(max_new_tokens, num_samples, temperature, top_k, top_p)
+    settings = Sampling(**sampling)
+    if num_samples < 1:
+        raise SamplingError(f"num_samples={num_samples} must be at least 1")
     text = _read_prompt(prompt, prompt_file)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = TextGenerator.load(ckpt_path, device)
-    steps = generator.stream(text, max_new_tokens, num_samples, temperature, top_k, top_p, seed, stop or ())
+    steps = generator.sample(text, settings, num_samples)
     done = []
     if stream:
         _print_header(0, num_samples)

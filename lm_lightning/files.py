@@ -1,12 +1,18 @@
-"""Writing files so that a crash, a kill or a full disk never leaves half of one behind."""
+"""Files: where caches live, and writing so that a crash, a kill or a full disk never leaves half of one behind."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
+
+
+def cache_root() -> Path:
+    """Where tokenizers, token caches and compiled kernels are kept: ``$LM_LIGHTNING_CACHE`` or ``~/.cache/lm_lightning``."""
+    return Path(os.path.expanduser(os.environ.get("LM_LIGHTNING_CACHE", "~/.cache/lm_lightning")))
 
 
 class WriteError(OSError):
@@ -15,15 +21,11 @@ class WriteError(OSError):
 
 @contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if need be): one process at a time, across processes."""
+    """Hold an exclusive lock on the file ``path`` (created if need be): one process at a time, across processes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 def temporary_path(path: Path) -> Path:

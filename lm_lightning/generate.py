@@ -10,29 +10,51 @@ from __future__ import annotations
 import codecs
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from lm_lightning.checkpoint import load_gpt
+from lm_lightning.errors import UserError
 from lm_lightning.export import load_pretrained
 from lm_lightning.model import GPT, KVCache
 from lm_lightning.tokenizer import EOT, token_bytes
 
 
-def check_sampling(max_new_tokens: int, num_samples: int, temperature: float, top_k: int | None, top_p: float) -> None:
-    """Raise ``ValueError`` for settings no sampler can honour."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be at least 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be at least 1 (unset it to sample from every token)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 keeps every token)")
+class SamplingError(UserError):
+    """Sampling settings no sampler can honour."""
+
+
+@dataclass
+class Sampling:
+    """How text is sampled: one settings type for ``lm-lightning generate``, the samples logged during
+    training and the served MLflow model."""
+
+    max_new_tokens: int = 100
+    """Tokens to generate per sample (fewer if it stops earlier)."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 is greedy decoding, below 1 is more conservative, above 1 more random."""
+    top_k: int | None = None
+    """Sample only from the ``top_k`` most likely tokens. Unset: from all."""
+    top_p: float = 1.0
+    """Nucleus sampling: only from the most likely tokens whose probabilities add up to ``top_p``, in (0, 1]."""
+    seed: int | None = None
+    """Seed of the sampler; the same seed gives the same text. Unset: different text each time."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample (not included), e.g. ``'["\\n\\n"]'``. Samples also end at end-of-text."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise SamplingError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise SamplingError(f"temperature={self.temperature} must be >= 0 (0 is greedy decoding)")
+        if self.top_k is not None and self.top_k < 1:
+            raise SamplingError(f"top_k={self.top_k} must be at least 1 (unset it to sample from every token)")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p={self.top_p} must be in (0, 1] (1 keeps every token)")
+        self.stop = list(self.stop or ())
 
 
 def next_token(
@@ -175,33 +197,24 @@ class TextGenerator:
             ids = ids[-block_size:]
         return torch.tensor(ids, dtype=torch.long, device=self.model.lm_head.weight.device)
 
-    def stream(
-        self,
-        prompt: str = "",
-        max_new_tokens: int = 100,
-        num_samples: int = 1,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-    ) -> Iterator[list[str]]:
+    def sample(self, prompt: str, sampling: Sampling, num_samples: int = 1) -> Iterator[list[str]]:
         """Continue ``prompt``, yielding for each step the new text of every sample (a list of
         ``num_samples`` strings, '' where nothing became final). A sample ends at end-of-text, at a
-        ``stop`` string, or after ``max_new_tokens`` tokens; the last list yielded completes them all.
-        The same ``seed`` gives the same text; unset, sampling draws from torch's global generator."""
-        check_sampling(max_new_tokens, num_samples, temperature, top_k, top_p)
+        stop string, or after ``max_new_tokens`` tokens; the last list yielded completes them all.
+        The same seed gives the same text; unset, sampling draws from torch's global generator."""
+        if num_samples < 1:
+            raise SamplingError(f"num_samples={num_samples} must be at least 1")
         ids = self.encode_prompt(prompt)
         generator = None
-        if seed is not None:
-            generator = torch.Generator(ids.device).manual_seed(seed)
+        if sampling.seed is not None:
+            generator = torch.Generator(ids.device).manual_seed(sampling.seed)
         n_text_tokens = len(self.table)  # the embedding may have spare rows past the tokenizer's vocabulary
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
-            return next_token(logits[:, :n_text_tokens], temperature, top_k, top_p, generator)
+            return next_token(logits[:, :n_text_tokens], sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
-        streams = [TextStream(self.table, stop) for _ in range(num_samples)]
-        for tokens in generate_tokens(self.model, ids, max_new_tokens, num_samples, pick):
+        streams = [TextStream(self.table, sampling.stop) for _ in range(num_samples)]
+        for tokens in generate_tokens(self.model, ids, sampling.max_new_tokens, num_samples, pick):
             pieces = []
             for s, token in zip(streams, tokens.tolist()):
                 pieces.append(s.close() if token == self.eot_id else s.push(token))
@@ -210,17 +223,14 @@ class TextGenerator:
                 return
         yield [s.close() for s in streams]
 
-    def generate(
-        self,
-        prompt: str = "",
-        max_new_tokens: int = 100,
-        num_samples: int = 1,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-    ) -> list[str]:
-        """The continuations of ``prompt`` (without the prompt), one per sample; arguments as :meth:`stream`."""
-        pieces = zip(*self.stream(prompt, max_new_tokens, num_samples, temperature, top_k, top_p, seed, stop))
-        return ["".join(p) for p in pieces]
+    def stream(self, prompt: str = "", num_samples: int = 1, **sampling) -> Iterator[list[str]]:
+        """:meth:`sample` with the ``Sampling`` settings as keywords (``max_new_tokens``, ``temperature``, ...)."""
+        return self.sample(prompt, Sampling(**sampling), num_samples)
+
+    def complete(self, prompt: str, sampling: Sampling, num_samples: int = 1) -> list[str]:
+        """The continuations of ``prompt`` (without the prompt), one per sample."""
+        return ["".join(p) for p in zip(*self.sample(prompt, sampling, num_samples))]
+
+    def generate(self, prompt: str = "", num_samples: int = 1, **sampling) -> list[str]:
+        """:meth:`complete` with the ``Sampling`` settings as keywords (``max_new_tokens``, ``temperature``, ...)."""
+        return self.complete(prompt, Sampling(**sampling), num_samples)

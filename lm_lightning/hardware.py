@@ -1,22 +1,47 @@
-"""Peak FLOP/s of the device, for model FLOPs utilisation (MFU)."""
+"""What the hardware can do: the precision to train in, and the peak FLOP/s that model FLOPs utilisation
+(MFU) is measured against."""
 
 from __future__ import annotations
 
+import json
+import platform
 import time
-from functools import lru_cache
 
 import torch
 
-# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, in FLOP/s, by device-name
-# substring. Unknown devices are measured instead (a large matmul), which understates the datasheet
-# peak a little and so overstates MFU a little.
-DATASHEET_PEAKS = {
-    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},  # SXM, TF32 for fp32
-    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},  # SXM
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
-    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
-    "RTX 4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 83e12},
-}
+from lm_lightning.files import atomic_write_text, cache_root, file_lock
+
+PEAKS_FILE = "peak_flops.json"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def auto_precision(accelerator: str | None) -> str:
+    """bf16 autocast where the hardware runs bf16 matmuls natively (recent GPUs, CPUs with AMX or
+    AVX512-BF16), full fp32 elsewhere: emulated bf16 is slower than fp32."""
+    if accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
 
 
 def precision_dtype(precision: str | None) -> torch.dtype:
@@ -29,10 +54,8 @@ def precision_dtype(precision: str | None) -> torch.dtype:
     return torch.float32
 
 
-@lru_cache(maxsize=None)
-def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
     """FLOP/s of back-to-back ``n x n`` matmuls on this device: the practical peak of this machine."""
-    device = torch.device(device_type)
     generator = torch.Generator(device).manual_seed(0)  # its own: the global RNG state belongs to training
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -50,11 +73,29 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, sec
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def _cached_measured_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """``measured_peak_flops``, measured once per machine, dtype and thread count and kept in the cache folder,
+    so every run on a machine divides by the same peak and MFU compares across runs."""
+    name = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    key = f"{name} | {device.type} | {str(dtype).removeprefix('torch.')} | {torch.get_num_threads()} threads"
+    path = cache_root() / PEAKS_FILE
+    with file_lock(path.with_name(PEAKS_FILE + ".lock")):
+        try:
+            peaks = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            peaks = {}
+        if key not in peaks:
+            peaks[key] = measured_peak_flops(device, dtype)
+            atomic_write_text(path, json.dumps(peaks, indent=1), "peak FLOP/s cache")
+    return peaks[key]
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from) for ``device`` computing in ``dtype``."""
+    """(peak FLOP/s, where the number comes from) for ``device`` computing in ``dtype``: Lightning's datasheet
+    table for the GPUs it knows, else this machine's matmul peak, measured once and cached."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in DATASHEET_PEAKS.items():
-            if key in name:
-                return peaks[dtype], f"datasheet {key}"
-    return measured_peak_flops(device.type, dtype), f"measured {device.type} matmul"
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        if flops := get_available_flops(device, dtype):
+            return float(flops), "datasheet (Lightning's table)"
+    return _cached_measured_peak(device, dtype), f"measured {device.type} matmul, cached in {cache_root() / PEAKS_FILE}"

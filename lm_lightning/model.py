@@ -20,19 +20,27 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class GPTConfig:
-    """Shape of the model. Field names follow GPT-2 and nanoGPT."""
+    """The model: every field is declared here once, and becomes ``--model.<field>`` (with this text
+    as its help) in the ``lm-lightning`` CLI. Field names follow GPT-2 and nanoGPT."""
 
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    vocab_size: int | None = None
+    """Rows of the token embedding. Unset: the tokenizer's vocabulary size."""
+    block_size: int = 256
+    """Longest context the model reads, in tokens."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 256
+    """Width of the residual stream."""
     dropout: float = 0.0
+    """Dropout probability; 0 for short runs, 0.1-0.2 against overfitting a small corpus."""
     bias: bool = True
+    """Biases in linear layers and norms, as GPT-2."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.n_embd % self.n_head:
             raise ValueError(
@@ -134,6 +142,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("vocab_size is unset: set it, or take it from a tokenizer")
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(

@@ -2,37 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torchmetrics import SumMetric
+from torchmetrics import MeanMetric, SumMetric
 
-from lm_lightning.data import cache_root
+from lm_lightning.checkpoint import (
+    LEGACY_LOSS_WINDOW_KEY,
+    SKIPPED_BATCHES_KEY,
+    TOKENIZER_KEY,
+    check_same_tokenizer,
+    check_shape,
+)
+from lm_lightning.errors import ConfigError, RunError
+from lm_lightning.files import cache_root
 from lm_lightning.model import GPT, GPTConfig
 
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
-
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The training loss became NaN or infinite."""
 
 
 class LanguageModel(L.LightningModule):
     def __init__(
         self,
-        block_size: int = 256,
-        n_layer: int = 4,
-        n_head: int = 4,
-        n_embd: int = 256,
-        dropout: float = 0.0,
-        bias: bool = True,
-        vocab_size: int | None = None,
         learning_rate: float = 1e-3,
         min_lr: float | None = None,
         warmup_steps: int = 100,
@@ -42,17 +41,11 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
         activation_checkpointing: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        **model_config,
     ):
         """A GPT trained by next-token prediction.
 
         Args:
-            block_size: Longest context the model reads, in tokens.
-            n_layer: Transformer blocks.
-            n_head: Attention heads per block; must divide ``n_embd``.
-            n_embd: Width of the residual stream.
-            dropout: Dropout probability; 0 for short runs, 0.1-0.2 against overfitting a small corpus.
-            bias: Biases in linear layers and LayerNorms, as GPT-2.
-            vocab_size: Rows of the embedding. Unset: the tokenizer's vocabulary size.
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
             min_lr: Learning rate at the end of the cosine decay. Unset: ``learning_rate / 10``.
             warmup_steps: Steps of linear warm-up from 0.
@@ -66,36 +59,38 @@ class LanguageModel(L.LightningModule):
             nonfinite_loss: What a NaN or infinite training loss does: ``stop`` training with an error naming the
                 step, before the weights are touched (the checkpoints already written stay good); or ``skip`` the
                 batch: no update, but the step counts (the schedule moves on), and ``train/skipped_batches`` counts it.
+            model_config: The model's fields (``block_size``, ``n_layer``, ...), declared in ``GPTConfig``.
         """
         super().__init__()
         if learning_rate <= 0:
-            raise ValueError(f"model.learning_rate={learning_rate} must be positive, e.g. 1e-3")
+            raise ConfigError(f"model.learning_rate={learning_rate} must be positive, e.g. 1e-3")
         if min_lr is not None and not 0 <= min_lr <= learning_rate:
-            raise ValueError(f"model.min_lr={min_lr} must be between 0 and model.learning_rate={learning_rate}")
+            raise ConfigError(f"model.min_lr={min_lr} must be between 0 and model.learning_rate={learning_rate}")
         if warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps={warmup_steps} must be >= 0")
-        GPTConfig(**self._shape(locals(), vocab_size or 1))  # reject a bad shape now, not after tokenizing
+            raise ConfigError(f"model.warmup_steps={warmup_steps} must be >= 0")
+        try:  # a bad model is refused now, not after tokenizing
+            self.config = GPTConfig(**model_config)
+        except ValueError as e:
+            raise ConfigError(f"model.{e}") from None
         self.save_hyperparameters()
+        self.hparams.update(dataclasses.asdict(self.config))  # every model field, defaults included
         self.model: GPT | None = None
         self.val_nats = SumMetric()
         self.val_bytes = SumMetric()
         self.val_tokens = SumMetric()
+        # The mean training loss of the logging window in progress; in the checkpoint, so a resumed run logs
+        # the same window means. No NaN check: a non-finite loss never reaches it.
+        self.train_loss = MeanMetric(nan_strategy="disable", sync_on_compute=False)
+        self.train_loss.persistent(True)
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
         self.tokenizer_json: str | None = None
-        self._loss_sum: torch.Tensor | float = 0.0
-        self._loss_count = 0
         self.skipped_batches = 0
-        if vocab_size is not None:
-            self._build(vocab_size)
+        if self.config.vocab_size is not None:
+            self._build()
 
-    @staticmethod
-    def _shape(args: dict, vocab_size: int) -> dict:
-        keys = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
-        return {"vocab_size": vocab_size, **{k: args[k] for k in keys}}
-
-    def _build(self, vocab_size: int) -> None:
-        self.model = GPT(GPTConfig(**self._shape(self.hparams, vocab_size)))
-        self.model.activation_checkpointing = self.hparams.get("activation_checkpointing", False)
+    def _build(self) -> None:
+        self.model = GPT(self.config)
+        self.model.activation_checkpointing = self.hparams.activation_checkpointing
 
     # --- wiring to the data ----------------------------------------------------------------
 
@@ -104,23 +99,24 @@ class LanguageModel(L.LightningModule):
         if datamodule is None or datamodule.tokenizer is None:
             return
         n_tokens = datamodule.tokenizer_vocab_size
-        if self.hparams.vocab_size is None:
+        if self.config.vocab_size is None:
+            self.config = dataclasses.replace(self.config, vocab_size=n_tokens)
             self.hparams.vocab_size = n_tokens
-        elif self.hparams.vocab_size < n_tokens:
-            source = datamodule.tokenizer_path or "the trained tokenizer"
-            raise ValueError(
-                f"model.vocab_size={self.hparams.vocab_size} is smaller than the vocabulary of {source} "
+        elif self.config.vocab_size < n_tokens:
+            source = datamodule.hparams.tokenizer_path or "the trained tokenizer"
+            raise ConfigError(
+                f"model.vocab_size={self.config.vocab_size} is smaller than the vocabulary of {source} "
                 f"({n_tokens} tokens); unset model.vocab_size or set it to at least {n_tokens}"
             )
-        _check_same_tokenizer(self.tokenizer_json, datamodule.tokenizer.to_str())
+        check_same_tokenizer(self.tokenizer_json, datamodule.tokenizer.to_str())
         self.tokenizer_json = datamodule.tokenizer.to_str()
         self.token_bytes = datamodule.token_byte_lengths().to(self.device)
 
     def configure_model(self) -> None:
         if self.model is None:
-            if self.hparams.vocab_size is None:
-                raise ValueError("model.vocab_size is unknown: set it, or train with a datamodule that has a tokenizer")
-            self._build(self.hparams.vocab_size)
+            if self.config.vocab_size is None:
+                raise ConfigError("model.vocab_size is unknown: set it, or train with a datamodule that has a tokenizer")
+            self._build()
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for any fp32 work left under autocast
         if self.hparams.compile and not getattr(self, "_compiled", False):
@@ -130,18 +126,20 @@ class LanguageModel(L.LightningModule):
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tokenizer_json"] = self.tokenizer_json  # a plain str: loads with weights_only=True
-        checkpoint["skipped_batches"] = self.skipped_batches
-        # The logging window in progress, so a resumed run logs the same window means.
-        checkpoint["train_loss_window"] = (float(self._loss_sum), self._loss_count)
+        checkpoint[TOKENIZER_KEY] = self.tokenizer_json  # a plain str: loads with weights_only=True
+        checkpoint[SKIPPED_BATCHES_KEY] = self.skipped_batches
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses a checkpoint of another shape or tokenizer with one line, before its weights are loaded."""
         check_shape(checkpoint.get("hyper_parameters", {}), self.hparams)
-        _check_same_tokenizer(checkpoint.get("tokenizer_json"), self.tokenizer_json)
-        self.tokenizer_json = checkpoint.get("tokenizer_json")
-        self.skipped_batches = checkpoint.get("skipped_batches", 0)
-        self._loss_sum, self._loss_count = checkpoint.get("train_loss_window", (0.0, 0))
+        check_same_tokenizer(checkpoint.get(TOKENIZER_KEY), self.tokenizer_json)
+        self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)
+        self.skipped_batches = checkpoint.get(SKIPPED_BATCHES_KEY, 0)
+        if LEGACY_LOSS_WINDOW_KEY in checkpoint:  # written before the window was a metric: a sum and a count
+            total, count = checkpoint[LEGACY_LOSS_WINDOW_KEY]
+            state = checkpoint["state_dict"]
+            state.setdefault("train_loss.mean_value", torch.tensor(float(total), dtype=torch.get_default_dtype()))
+            state.setdefault("train_loss.weight", torch.tensor(float(count), dtype=torch.get_default_dtype()))
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -163,13 +161,12 @@ class LanguageModel(L.LightningModule):
         # Log the window's mean loss only on the steps Lightning writes logs (its test:
         # (batches_that_stepped + 1) % log_every_n_steps == 0): each self.log call costs ~1 ms of
         # Python, several % of a small model's step.
-        self._loss_sum = self._loss_sum + loss.detach()
-        self._loss_count += 1
+        self.train_loss.update(loss.detach())
         if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss", self._loss_sum / self._loss_count, prog_bar=True)
+            self.log("train/loss", self.train_loss.compute(), prog_bar=True)
             # One name for one schedule (LearningRateMonitor would log "lr-AdamW/pg1" and "/pg2").
             self.log("lr", self.optimizers().param_groups[0]["lr"])
-            self._loss_sum, self._loss_count = 0.0, 0
+            self.train_loss.reset()
         return loss
 
     def _nonfinite_loss(self, loss: torch.Tensor) -> None:
@@ -230,7 +227,6 @@ class LanguageModel(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, even under bf16
         # where no gradient scaler is involved (lightning/pytorch/plugins/precision/amp.py,
@@ -241,28 +237,6 @@ class LanguageModel(L.LightningModule):
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-
-
-def check_shape(saved: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """Refuse, with one line, a checkpoint whose model shape (its saved hyperparameters) differs from ``config``'s."""
-    differ = [
-        f"{k}={saved[k]} (config: {config[k]})"
-        for k in SHAPE_KEYS
-        if config.get(k) is not None and saved.get(k, config[k]) != config[k]
-    ]
-    if differ:
-        raise ValueError(
-            f"the checkpoint has a different model shape: {', '.join(differ)}; "
-            "set model.* to the checkpoint's values (its position table fixes model.block_size)"
-        )
-
-
-def _check_same_tokenizer(checkpoint_json: str | None, data_json: str | None) -> None:
-    if checkpoint_json is not None and data_json is not None and checkpoint_json != data_json:
-        raise ValueError(
-            "the checkpoint's tokenizer differs from the data's tokenizer; set data.tokenizer_path to the "
-            "tokenizer the checkpoint was trained with (lm-lightning saves it in the run's artifacts)"
-        )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):

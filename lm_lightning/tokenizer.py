@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lm_lightning.errors import UserError
 from lm_lightning.files import atomic_write_text
 
 EOT = "<|endoftext|>"
@@ -39,7 +40,7 @@ PRE_TOKENIZER_PATTERN = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file that cannot be used."""
 
 
@@ -58,7 +59,7 @@ def _new_tokenizer() -> Tokenizer:
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE with ``vocab_size`` tokens (at most; fewer if the text is small)."""
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB_SIZE}")
+        raise TokenizerError(f"vocab_size={vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB_SIZE}")
     tokenizer = _new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -121,14 +122,3 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
         token = tokenizer.id_to_token(i)
         table.append(b"" if token in special else bytes(decoder[c] for c in token))
     return table
-
-
-def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

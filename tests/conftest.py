@@ -138,9 +138,10 @@ def tiny_run(tmp_path_factory):
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lm_lightning.callbacks import MLflowRunInfo, TextSamples
+    from lm_lightning.callbacks import TextSamples
     from lm_lightning.data import TextDataModule
-    from lm_lightning.logger import MLflowLogger
+    from lm_lightning.tracking.logger import MLflowLogger
+    from lm_lightning.tracking.records import MLflowRunInfo
     from lm_lightning.module import LanguageModel
 
     class RngProbe(L.Callback):

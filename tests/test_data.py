@@ -6,15 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lm_lightning.data import (
-    DataError,
-    ResumableSampler,
-    TextDataModule,
-    TokenShards,
-    TrainWindows,
-    ValWindows,
-    resolve_sources,
-)
+from lm_lightning.data import DataError, TextDataModule
+from lm_lightning.data.cache import TokenShards
+from lm_lightning.data.corpus import resolve_sources
+from lm_lightning.data.windows import ResumableSampler, TrainWindows, ValWindows
 from lm_lightning.tokenizer import EOT, save_tokenizer, train_tokenizer
 
 from conftest import BAD_CORPORA, CHINESE, english_text

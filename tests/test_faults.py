@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import metric_history, only_run, run_main
 from lm_lightning import checkpoint as checkpoint_module
-from lm_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from lm_lightning.callbacks import AtomicCheckpointIO
+from lm_lightning.checkpoint import CheckpointError, load_checkpoint
 from lm_lightning.data import TextDataModule
 from lm_lightning.files import WriteError
 from lm_lightning.module import LanguageModel
@@ -43,7 +44,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_p
     # A real process killed while torch.save has written half of the new checkpoint.
     script = f"""
 import os, signal, torch
-from lm_lightning.checkpoint import AtomicCheckpointIO
+from lm_lightning.callbacks import AtomicCheckpointIO
 def half_then_die(obj, f):
     with open(f, "wb") as out:
         out.write(b"PK\\x03\\x04" + b"\\0" * 1000)

@@ -22,11 +22,9 @@ class TextGenerationModel(PythonModel):
         self.generator = TextGenerator.load(context.artifacts["pretrained"], "cuda" if torch.cuda.is_available() else "cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        """The continuation of each prompt (the first column of ``model_input``), under the sampling
-        ``params`` of ``TextGenerator.generate`` (the model's signature lists them, with defaults)."""
-        params = dict(params or {})
-        stop = list(params.pop("stop", None) or ())
-        return [self.generator.generate(prompt, stop=stop, **params)[0] for prompt in model_input.iloc[:, 0]]
+        """The continuation of each prompt (the first column of ``model_input``), under the ``Sampling``
+        settings in ``params`` (the model's signature lists them, with defaults)."""
+        return [self.generator.generate(prompt, **(params or {}))[0] for prompt in model_input.iloc[:, 0]]
 
 
 mlflow.models.set_model(TextGenerationModel())

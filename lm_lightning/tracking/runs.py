@@ -1,4 +1,4 @@
-"""Continuing a run: what a checkpoint must hold beyond Lightning's state, and where ``--ckpt_path last`` points.
+"""Finding a run to continue: where ``--ckpt_path last`` points, and which MLflow run a checkpoint continues.
 
 A run's checkpoints live in ``<trainer.default_root_dir>/<experiment id>/<run id>/checkpoints/`` (Lightning's
 layout for an MLflow logger). Each checkpoint records its MLflow run id, so resuming from it continues
@@ -8,60 +8,15 @@ that run: the same metrics history, and the same checkpoint folder.
 from __future__ import annotations
 
 import importlib
-import random
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lm_lightning.callbacks import mlflow_logger
-from lm_lightning.checkpoint import LAST, load_checkpoint
-from lm_lightning.logger import mlflow_client, resolve_tracking_uri
-from lm_lightning.module import check_shape
-
-RUN_ID_KEY = "mlflow_run_id"
-
-
-class ResumeState(L.Callback):
-    """Adds to every checkpoint what Lightning leaves out and an exact resume needs: the states of the random
-    number generators (dropout masks continue as if never stopped) and the MLflow run id (lightning issue 6205).
-
-    Everything is stored as tensors and plain containers, so the checkpoint still loads with ``weights_only=True``.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        keys, pos, has_gauss, cached_gaussian = np.random.get_state()[1:]
-        numpy_state = {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        }
-        return {
-            "python": random.getstate(),
-            "numpy": numpy_state,  # numpy's own tuple holds an ndarray, which weights_only refuses
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        n = state["numpy"]
-        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-        torch.set_rng_state(state["torch"])
-        if torch.cuda.is_available():
-            for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(cuda_state, device)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if (logger := mlflow_logger(trainer)) is not None:
-            checkpoint[RUN_ID_KEY] = logger.run_id
-
+from lm_lightning.checkpoint import LAST, RUN_ID_KEY, check_shape, load_checkpoint
+from lm_lightning.tracking.logger import mlflow_client, resolve_tracking_uri
 
 def _mlflow_logger_args(logger_config: Any) -> Namespace | None:
     """The ``init_args`` of the configured logger if it is an MLflow logger, else ``None``."""

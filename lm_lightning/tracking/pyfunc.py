@@ -1,7 +1,8 @@
-"""A checkpoint logged to an MLflow run as a servable model: a pyfunc that continues prompts."""
+"""A checkpoint logged to an MLflow run as a servable model: a pyfunc (code in ``serving.py``) that continues prompts."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -16,23 +17,25 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from lm_lightning.checkpoint import load_gpt
 from lm_lightning.export import export_pretrained
+from lm_lightning.generate import Sampling
 
-PACKAGE = Path(__file__).parent
+PACKAGE = Path(__file__).parents[1]  # lm_lightning, which travels with the model as its code
+SERVING = Path(__file__).with_name("serving.py")
+_MLFLOW_TYPES = {"int": "long", "float": "double"}
 
-# Prompts in, continuations out; the params are TextGenerator.generate's sampling arguments.
+
+def _param_spec(f: dataclasses.Field) -> ParamSpec:
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if f.name == "stop":
+        return ParamSpec(f.name, "string", default, shape=(-1,))
+    return ParamSpec(f.name, _MLFLOW_TYPES[str(f.type).split(" ")[0]], default)
+
+
+# Prompts in, continuations out; the params are the Sampling settings, with their defaults.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string")]),
     outputs=Schema([ColSpec("string")]),
-    params=ParamSchema(
-        [
-            ParamSpec("max_new_tokens", "long", 100),
-            ParamSpec("temperature", "double", 0.8),
-            ParamSpec("top_k", "long", None),
-            ParamSpec("top_p", "double", 1.0),
-            ParamSpec("seed", "long", None),
-            ParamSpec("stop", "string", [], shape=(-1,)),
-        ]
-    ),
+    params=ParamSchema([_param_spec(f) for f in dataclasses.fields(Sampling)]),
 )
 
 
@@ -56,7 +59,7 @@ def log_text_model(logger: MLFlowLogger, checkpoint: str | Path) -> None:
             warnings.simplefilter("ignore")
             mlflow.pyfunc.save_model(
                 Path(tmp) / "model",
-                python_model=str(PACKAGE / "serving.py"),
+                python_model=str(SERVING),
                 artifacts={"pretrained": str(pretrained)},
                 code_paths=[str(PACKAGE)],
                 signature=SIGNATURE,

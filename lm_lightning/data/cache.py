@@ -1,0 +1,370 @@
+"""The token cache: a corpus tokenized once into memory-mapped shard files per split, with a
+``meta.json`` that says exactly what they were built from. ``TokenCache`` owns its validity: a cache
+whose sources, tokenizer or settings changed, or whose files are not whole, is rebuilt, never reused.
+
+The pipeline runs once per corpus and tokenizer: read the sources, train or load the tokenizer,
+tokenize in parallel batches, and write the shard files of each split (train and validation; shards of
+at most ``shard_tokens`` tokens). Training then reads windows straight out of the memory maps, so
+memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from lm_lightning.data.corpus import READ_BLOCK, BUILTIN_CORPUS, DataError, Source, iter_documents, iter_sample, resolve_sources
+from lm_lightning.files import WriteError, atomic_write_text, file_lock, remove_stale_temporaries, temporary_path
+from lm_lightning.tokenizer import EOT, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
+
+CACHE_FORMAT = 2
+SPLITS = ("train", "val")
+_ENCODE_BATCH = 256  # pieces per encode_batch call (tokenizers encodes a batch on all cores)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def shard_path(folder: Path, split: str, index: int) -> Path:
+    return folder / f"{split}-{index:05d}.bin"
+
+
+class ShardWriter:
+    """Appends a split's tokens to shard files of at most ``shard_tokens`` tokens each, under temporary
+    names until ``commit`` renames them all into place."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
+        self.sizes: list[int] = []
+        self._file = None
+        remove_stale_temporaries(folder / f"{split}-*.bin")  # of a build that was killed
+
+    def _temporary(self, index: int) -> Path:
+        return temporary_path(shard_path(self.folder, self.split, index))
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None or self.sizes[-1] == self.shard_tokens:
+                self.close()
+                self._file = open(self._temporary(len(self.sizes)), "wb")
+                self.sizes.append(0)
+            take = min(len(tokens), self.shard_tokens - self.sizes[-1])
+            tokens[:take].tofile(self._file)
+            self.sizes[-1] += take
+            tokens = tokens[take:]
+
+    def copy_from(self, file, n: int) -> None:
+        """Append the next ``n`` tokens of ``file``, a block at a time: memory stays bounded."""
+        while n > 0:
+            tokens = np.fromfile(file, dtype=self.dtype, count=min(n, READ_BLOCK // self.dtype.itemsize))
+            if not len(tokens):
+                raise OSError(f"{file.name} ended {n} tokens early")
+            self.write(tokens)
+            n -= len(tokens)
+
+    def close(self) -> None:
+        """Flush the open shard to disk."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def commit(self) -> list[int]:
+        """Rename the (closed) shards into place, delete those of a previous, longer build; return their sizes."""
+        paths = [shard_path(self.folder, self.split, index) for index in range(len(self.sizes))]
+        for index, path in enumerate(paths):
+            os.replace(self._temporary(index), path)
+        for old in set(self.folder.glob(f"{self.split}-*.bin")) - set(paths):
+            old.unlink()
+        return self.sizes
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        for index in range(len(self.sizes)):
+            self._temporary(index).unlink(missing_ok=True)
+
+
+def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path, shard_tokens: int) -> dict:
+    """Tokenize every source into the shard files of ``folder``; return the meta that describes them.
+
+    Each source's documents are joined with end-of-text tokens, and its last ``val_fraction`` of
+    tokens goes to validation, so the split is deterministic and never overlaps training.
+    """
+    eot = tokenizer.token_to_id(EOT)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    remove_stale_temporaries(folder / "source")
+    scratch_path = temporary_path(folder / "source")
+    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in SPLITS}
+    corpus_hash = hashlib.sha256()
+    has_text = False
+    total_bytes = sum(s.size for s in sources)
+    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=total_bytes < 64 << 20, file=sys.stderr)
+    try:
+        for source in sources:
+            # A source's tokens go to a scratch file first: the split point is known only at its end.
+            n = 0
+            with open(scratch_path, "wb") as scratch:
+                for doc in iter_documents(source, jsonl_field):
+                    for batch in iter_batches(doc, _ENCODE_BATCH):
+                        for text in batch:
+                            data = text.encode("utf-8")
+                            corpus_hash.update(data)
+                            progress.update(len(data))
+                            has_text = has_text or (bool(text) and not text.isspace())
+                        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+                        ids = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
+                        ids.tofile(scratch)
+                        n += len(ids)
+                    np.asarray([eot], dtype=dtype).tofile(scratch)
+                    n += 1
+            n_val = int(round(n * val_fraction))
+            with open(scratch_path, "rb") as scratch:
+                writers["train"].copy_from(scratch, n - n_val)
+                writers["val"].copy_from(scratch, n_val)
+            if n_val:  # the training part stops mid-document: close it, so the next source starts clean
+                writers["train"].write(np.asarray([eot], dtype=dtype))
+        for writer in writers.values():
+            writer.close()
+        (folder / "meta.json").unlink(missing_ok=True)  # from here until the new meta lands, the cache reads as absent
+        shards = {split: writer.commit() for split, writer in writers.items()}
+        return {
+            **{f"{split}_tokens": sum(sizes) for split, sizes in shards.items()},
+            **{f"{split}_shards": sizes for split, sizes in shards.items()},
+            "dtype": dtype.name,
+            "corpus_sha256": corpus_hash.hexdigest(),
+            "has_text": has_text,
+        }
+    except OSError as e:  # a full disk, mostly; the files it read or wrote are named when known
+        where = f" ({e.filename})" if e.filename else ""
+        why = f"{e.strerror or e}{where}"
+        raise WriteError(f"cannot build the token cache in {folder}: {why}; the previous cache is intact") from e
+    finally:
+        progress.close()
+        for writer in writers.values():
+            writer.discard()
+        scratch_path.unlink(missing_ok=True)
+
+
+def _map_tokens(path: str, n: int, dtype: str, random_access: bool) -> np.ndarray:
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if random_access and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=n)
+
+
+class TokenShards:
+    """One split of the token cache: its shard files, read as one sequence of tokens.
+
+    Pickled as file names, so DataLoader workers map the files themselves whatever the start method
+    (a pickled ``np.memmap`` is copied into memory whole).
+    """
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
+        self.starts = np.cumsum(self.sizes) - self.sizes
+        self.dtype = shards[0].dtype if shards else np.dtype(np.uint16)
+        self._files: tuple | None = None
+
+    @classmethod
+    def open(cls, paths: list[str], sizes: list[int], dtype: str, random_access: bool = False) -> TokenShards:
+        """Map the shard files read-only. ``random_access``: ask the kernel not to read ahead, which
+        for random windows reads ~128 KB of a corpus on disk for every few hundred bytes used."""
+        tokens = cls([_map_tokens(p, n, dtype, random_access) for p, n in zip(paths, sizes)])
+        tokens._files = ([str(p) for p in paths], list(sizes), np.dtype(dtype).name, random_access)
+        return tokens
+
+    def __getstate__(self) -> dict:
+        return {"files": self._files} if self._files else self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(TokenShards.open(*state["files"]).__dict__ if "files" in state else state)
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:].astype(dtype or self.dtype, copy=False)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """Tokens ``[start, stop)``, read across shard boundaries (step 1 only)."""
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("TokenShards reads contiguous ranges only")
+        parts = []
+        index = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            local = start - int(self.starts[index])
+            take = min(stop - start, int(self.sizes[index]) - local)
+            parts.append(self.shards[index][local : local + take])
+            start += take
+            index += 1
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows ``tokens[s : s + length]`` for ``s`` in ``starts``: one vectorised gather per shard;
+        the rare window across a shard boundary is read piecewise."""
+        index = np.searchsorted(self.starts, starts, side="right") - 1
+        local = starts - self.starts[index]
+        inside = local + length <= self.sizes[index]
+        out = np.empty((len(starts), length), dtype=self.dtype)
+        offsets = np.arange(length)
+        for shard in np.unique(index[inside]):
+            rows = np.flatnonzero(inside & (index == shard))
+            out[rows] = self.shards[shard][local[rows, None] + offsets]
+        for row in np.flatnonzero(~inside):
+            out[row] = self[int(starts[row]) : int(starts[row]) + length]
+        return out
+
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """The token cache of one corpus under one tokenizer: where it lives, whether it is valid, how it is built.
+
+    A cache is valid when its ``meta.json`` matches the sources (paths, sizes, modification times), the
+    tokenizer's hash and the settings it was built with, and every shard file it lists is there, whole.
+    """
+
+    path: str | None
+    """The corpus (``data.path``); ``None`` is the built-in corpus."""
+    cache_dir: Path
+    tokenizer_path: str | None
+    vocab_size: int
+    val_fraction: float
+    jsonl_field: str
+    tokenizer_sample_bytes: int
+    shard_tokens: int
+
+    @property
+    def folder(self) -> Path:
+        """The cache folder of this corpus (the same whatever the tokenizer or split)."""
+        key = hashlib.sha256(json.dumps(self.path or BUILTIN_CORPUS).encode()).hexdigest()[:12]
+        name = "builtin" if self.path is None else Path(self.path.rstrip("/*")).name or "corpus"
+        return self.cache_dir / f"{name}-{key}"
+
+    @property
+    def where(self) -> str:
+        """The corpus, as error messages name it."""
+        return "the built-in corpus" if self.path is None else f"data.path {self.path!r}"
+
+    def _expected_meta(self, sources: list[Source], tokenizer: Tokenizer) -> dict:
+        builtin = {"python": sys.version.split()[0]} if self.path is None else {}
+        return {
+            "format": CACHE_FORMAT,
+            "sources": [s.fingerprint for s in sources],
+            "jsonl_field": self.jsonl_field,
+            "tokenizer": tokenizer_hash(tokenizer),
+            "val_fraction": self.val_fraction,
+            **builtin,
+        }
+
+    def _tokenizer(self, sources: list[Source]) -> Tokenizer:
+        """Load ``tokenizer_path``, or reuse / train the corpus's own tokenizer."""
+        if self.tokenizer_path:
+            return load_tokenizer(self.tokenizer_path)
+        path = self.folder / "tokenizer.json"
+        wanted = {
+            "sources": [s.fingerprint for s in sources],
+            "vocab_size": self.vocab_size,
+            "jsonl_field": self.jsonl_field,
+            "sample_bytes": self.tokenizer_sample_bytes,
+            "val_fraction": self.val_fraction,
+        }
+        if _read_json(self.folder / "tokenizer.meta.json") == wanted and path.is_file():
+            return load_tokenizer(path)
+        sample = iter_sample(sources, self.jsonl_field, self.tokenizer_sample_bytes, 1 - self.val_fraction)
+        tokenizer = train_tokenizer(sample, self.vocab_size)
+        (self.folder / "tokenizer.meta.json").unlink(missing_ok=True)
+        save_tokenizer(tokenizer, path)
+        atomic_write_text(self.folder / "tokenizer.meta.json", json.dumps(wanted), "token cache metadata")
+        return tokenizer
+
+    def _files_whole(self, meta: dict) -> bool:
+        """Every shard file the meta lists is there, of the size it lists."""
+        itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+        for split in SPLITS:
+            sizes = meta.get(f"{split}_shards")
+            if not isinstance(sizes, list) or sum(sizes) != meta.get(f"{split}_tokens"):
+                return False
+            for index, n in enumerate(sizes):
+                path = shard_path(self.folder, split, index)
+                if not path.is_file() or path.stat().st_size != n * itemsize:
+                    return False
+        return True
+
+    def build(self) -> dict:
+        """Train or load the tokenizer and tokenize the corpus, unless a valid cache exists; its meta."""
+        sources = resolve_sources(self.path)
+        with file_lock(self.folder / ".lock"):  # one builder at a time when two runs start at once
+            tokenizer = self._tokenizer(sources)
+            expected = self._expected_meta(sources, tokenizer)
+            meta = _read_json(self.folder / "meta.json")
+            if meta is None or {k: meta.get(k) for k in expected} != expected or not self._files_whole(meta):
+                built = tokenize_corpus(sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder, self.shard_tokens)
+                meta = {**expected, **built, "tokenizer_json": tokenizer.to_str()}
+                atomic_write_text(self.folder / "meta.json", json.dumps(meta), "token cache metadata")
+        return meta
+
+    def open(self) -> tuple[dict, Tokenizer, dict[str, TokenShards]]:
+        """The meta, tokenizer and token splits of the cache that ``build`` made."""
+        meta = _read_json(self.folder / "meta.json")
+        if meta is None or not self._files_whole(meta):
+            raise DataError(f"no complete token cache in {self.folder}; run prepare_data() first (the Trainer does)")
+        tokenizer = tokenizer_from_str(meta["tokenizer_json"], source=str(self.folder / "meta.json"))
+        splits = {
+            split: TokenShards.open(
+                [shard_path(self.folder, split, i) for i in range(len(meta[f"{split}_shards"]))],
+                meta[f"{split}_shards"],
+                meta["dtype"],
+                random_access=split == "train",  # random windows; validation reads in order
+            )
+            for split in SPLITS
+        }
+        return meta, tokenizer, splits
+
+    def check_long_enough(self, meta: dict, block_size: int) -> None:
+        """Refuse a corpus without text, or with a split shorter than one window."""
+        if not meta["has_text"]:
+            raise DataError(f"{self.where} holds no text (empty or whitespace only); point data.path at a non-empty corpus")
+        need = block_size + 1
+        for split in SPLITS:
+            if meta[f"{split}_tokens"] < need:
+                raise DataError(
+                    f"{self.where} is too short: its {split} split has {meta[f'{split}_tokens']} tokens, fewer than one "
+                    f"window of block_size + 1 = {need}; use more text, a smaller model.block_size"
+                    + (", or a larger data.val_fraction" if split == "val" else "")
+                )

@@ -1,0 +1,144 @@
+"""``TextDataModule``: text in, token batches out. It builds the token cache once per node
+(``prepare_data``), maps it in every process (``setup``) and serves windows of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lm_lightning.data.cache import TokenCache, TokenShards
+from lm_lightning.data.corpus import DataError
+from lm_lightning.data.windows import ResumableLoader, ResumableSampler, TrainWindows, ValWindows
+from lm_lightning.files import cache_root
+from lm_lightning.tokenizer import token_bytes
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str | None = None,
+        tokenizer_path: str | None = None,
+        vocab_size: int = 4096,
+        block_size: int = 256,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        val_batch_size: int | None = None,
+        jsonl_field: str = "text",
+        tokenizer_sample_bytes: int = 100_000_000,
+        shard_tokens: int = 100_000_000,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+    ):
+        """Text in, token batches out.
+
+        Args:
+            path: A UTF-8 text file, a folder (searched recursively for .txt, .md and .jsonl files) or a
+                glob. Unset: the built-in corpus, Python's reference documentation from ``pydoc_data``.
+            tokenizer_path: A ``tokenizer.json`` to use. Unset: train a byte-level BPE on the corpus.
+            vocab_size: Size of the tokenizer to train (ignored with ``tokenizer_path``); 257 is bytes only.
+            block_size: Tokens of context per training window (linked to ``model.block_size``).
+            batch_size: Windows per training batch.
+            val_fraction: The last fraction of each source's tokens, held out for validation.
+            val_batch_size: Windows per validation batch. Unset: ``batch_size``.
+            jsonl_field: The field of each .jsonl record that holds its text.
+            tokenizer_sample_bytes: Bytes of the corpus the tokenizer is trained on (shared equally between
+                files, from their training parts only); the whole corpus is tokenized with it.
+            shard_tokens: Tokens per file of the token cache (200 MB at the default and a vocabulary of
+                up to 65536): a larger corpus is cached in several files, which copy, sync and upload
+                one at a time.
+            cache_dir: Where tokenizers and token caches are kept. Unset: ``$LM_LIGHTNING_CACHE``, else
+                ``~/.cache/lm_lightning``.
+            num_workers: DataLoader worker processes (0 reads in the training process).
+            seed: Seed of the random training windows.
+        """
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("shard_tokens", shard_tokens)):
+            if value < 1:
+                raise DataError(f"data.{name}={value} must be a positive integer")
+        self.save_hyperparameters()
+        self.cache = TokenCache(
+            path=path,
+            cache_dir=Path(os.path.expanduser(cache_dir)) if cache_dir else cache_root(),
+            tokenizer_path=tokenizer_path,
+            vocab_size=vocab_size,
+            val_fraction=val_fraction,
+            jsonl_field=jsonl_field,
+            tokenizer_sample_bytes=tokenizer_sample_bytes,
+            shard_tokens=shard_tokens,
+        )
+        self.tokenizer = None
+        self.meta: dict = {}
+        self.tokens: dict[str, TokenShards] = {}
+
+    @property
+    def path(self) -> str | None:
+        return self.hparams.path
+
+    @property
+    def folder(self) -> Path:
+        """The token cache folder of this corpus."""
+        return self.cache.folder
+
+    def prepare_data(self) -> None:
+        """Train or load the tokenizer and build the token cache, unless a valid one exists (once per node)."""
+        self.cache.check_long_enough(self.cache.build(), self.hparams.block_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.meta, self.tokenizer, self.tokens = self.cache.open()
+        self.cache.check_long_enough(self.meta, self.hparams.block_size)
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def token_byte_lengths(self) -> torch.Tensor:
+        """UTF-8 bytes per token id, for bits-per-byte."""
+        return torch.tensor([len(b) for b in token_bytes(self.tokenizer)], dtype=torch.long)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader_kwargs(self) -> dict:
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        # A generator of its own: a DataLoader otherwise draws its workers' base seed from the global torch RNG
+        # each time it starts iterating, so dropout masks would depend on num_workers and on validation.
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        workers = self.hparams.num_workers
+        return dict(num_workers=workers, pin_memory=on_gpu, persistent_workers=workers > 0, generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        rank, _ = self._rank_world()
+        tokens = self.tokens["train"]
+        dataset = TrainWindows(tokens, hp.block_size, hp.batch_size, hp.seed, rank)
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps > 0:
+            # Training is step-based: one "epoch" is the whole run, so the progress bar counts steps.
+            num_batches = trainer.max_steps * trainer.accumulate_grad_batches
+        else:  # an epoch draws as many windows as the split has tokens
+            num_batches = max(1, len(tokens) // (hp.batch_size * hp.block_size))
+
+        def consumed() -> int:
+            # Batches of this epoch the fit loop has finished: Lightning's progress counter (internal API,
+            # pinned by tests/test_lightning_internals.py), which it restores on resume.
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+        sampler = ResumableSampler(num_batches, epoch=trainer.current_epoch if trainer is not None else 0)
+        return ResumableLoader(dataset, sampler=sampler, batch_size=None, consumed=consumed, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        dataset = ValWindows(self.tokens["val"], self.hparams.block_size, rank, world)
+        batch_size = self.hparams.val_batch_size or self.hparams.batch_size
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

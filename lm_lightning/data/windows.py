@@ -1,0 +1,105 @@
+"""Windows of tokens: random training batches that a resumed run draws exactly as an uninterrupted
+run would, the loader Lightning checkpoints for that, and the validation windows that cover a split once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lm_lightning.data.cache import TokenShards
+
+
+class TrainWindows(Dataset):
+    """Random ``(batch_size, block_size + 1)`` windows of the training tokens, one batch per index.
+
+    Batch ``(epoch, i)`` is a pure function of ``(seed, rank, epoch, i)``: resuming at batch ``i``
+    gives exactly the batches an uninterrupted run would have seen, whatever ``num_workers`` is.
+    """
+
+    def __init__(self, tokens: TokenShards, block_size: int, batch_size: int, seed: int, rank: int = 0):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, self.rank, epoch, i])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        return torch.from_numpy(self.tokens.windows(starts, self.block_size + 1).astype(np.int64))
+
+
+class ResumableSampler(Sampler):
+    """Yields batch keys ``(epoch, i)`` for ``i`` in ``[0, num_batches)``; Lightning sets the epoch.
+
+    After ``resume_at(epoch, start)``, passes over that epoch start at batch ``start``; the next epoch is whole.
+    The resume point is not used up by a first ``iter()``: a DataLoader with workers calls it twice per pass.
+    """
+
+    def __init__(self, num_batches: int, epoch: int = 0):
+        self.num_batches = num_batches
+        self.epoch = epoch
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        self.epoch = epoch
+        self._resume = (epoch, start)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # The epoch is read now, not per item: workers fetch keys ahead of Lightning's set_epoch.
+        epoch = self.epoch
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        return ((epoch, i) for i in range(start, self.num_batches))
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints (it has ``state_dict``), so a resumed run continues mid-epoch.
+
+    ``consumed`` reports how many batches of the current epoch the training loop has finished; the
+    loader itself cannot count them, as workers and Lightning's fetcher read ahead. Its state names the
+    next batch to train on, so it does not depend on ``num_workers``.
+    """
+
+    def __init__(self, *args, consumed: Callable[[], int] = lambda: 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed = consumed
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, consumed = self.sampler.epoch, int(self._consumed())
+        if consumed >= self.sampler.num_batches:  # saved at the end of an epoch: the next one starts from 0
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(state["epoch"], state["consumed"])
+
+
+class ValWindows(Dataset):
+    """Consecutive, non-overlapping windows over the validation tokens; this rank's share of them.
+
+    Window ``k`` starts at ``k * block_size``, so every token after the first is a target exactly
+    once. Rank ``r`` of ``w`` takes windows ``r, r + w, ...``: no duplicates, no gaps.
+    """
+
+    def __init__(self, tokens: TokenShards, block_size: int, rank: int = 0, world_size: int = 1):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.windows = range(rank, (len(tokens) - 1) // block_size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = self.windows[i] * self.block_size
+        return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+

@@ -1,0 +1,172 @@
+"""The MLflow logger every run uses: defaults that work on MLflow 3, resumable runs, and honest run status."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+
+from lm_lightning.errors import UserError
+from lm_lightning.files import file_lock
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
+    """The trainer's MLflow logger, if it has one."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``sqlite:///mlflow.db``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextmanager
+def store_init_lock(tracking_uri: str) -> Iterator[None]:
+    """Holds ``<database>.lock`` while an sqlite tracking store is opened.
+
+    MLflow creates a new database's tables when it first connects (``SqlAlchemyStore.__init__``), with nothing
+    to keep two processes apart: two runs started at once in a fresh folder both fail ("table ... already
+    exists"). A separate lock file, because closing any descriptor of the database itself would drop
+    SQLite's own POSIX locks on it.
+    """
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
+        yield
+        return
+    database = Path(tracking_uri[len("sqlite:///") :])
+    with file_lock(database.with_name(database.name + ".lock")):
+        yield
+
+
+def mlflow_client(tracking_uri: str):
+    """An ``MlflowClient`` for ``tracking_uri``, opened under ``store_init_lock``."""
+    from mlflow.tracking import MlflowClient
+
+    with store_init_lock(tracking_uri):
+        return MlflowClient(tracking_uri)
+
+
+class MLflowLogger(MLFlowLogger):
+    def __init__(
+        self,
+        experiment_name: str = "lm_lightning",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, str] | None = None,
+        log_model: bool = True,
+        run_id: str | None = None,
+    ):
+        """Records the run in MLflow: params, metrics, tags and artifacts.
+
+        Args:
+            experiment_name: MLflow experiment the run belongs to (runs of one experiment compare side by side).
+            run_name: Name of the run in the MLflow UI. Unset: MLflow picks one.
+            tracking_uri: Where runs are recorded. Unset: ``$MLFLOW_TRACKING_URI``, else MLflow's default
+                ``sqlite:///mlflow.db`` in the working directory (artifacts under ``./mlruns``), which is
+                what a plain ``mlflow ui`` there shows. Lightning's own default, a ``./mlruns`` file store,
+                raises on MLflow 3.
+            tags: Extra tags for the run.
+            log_model: Log the best and last checkpoints as artifacts when training ends.
+            run_id: Continue this existing run instead of starting a new one. ``--ckpt_path`` sets it to the
+                checkpoint's run.
+        """
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name = experiment_name
+        self.resumed = run_id is not None
+        self._checkpoint_callbacks: dict[str, ModelCheckpoint] = {}
+        with store_init_lock(self.tracking_uri):
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name,
+                tracking_uri=self.tracking_uri,
+                tags=tags,
+                log_model=log_model,
+                run_id=run_id,
+            )
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """The ``MlflowClient``. Its first use creates the experiment and the run, or sets a resumed run back to
+        RUNNING; under ``store_init_lock``, as two runs started at once would both create the experiment."""
+        if self._initialized:
+            return super().experiment
+        from mlflow.exceptions import MlflowException
+
+        with store_init_lock(self.tracking_uri):
+            try:
+                client = super().experiment
+            except MlflowException:
+                if self.resumed:
+                    message = f"MLflow run {self._run_id} does not exist in {self.tracking_uri}; unset its run_id"
+                    raise UserError(message) from None
+                raise
+        if self.resumed:
+            client.update_run(self._run_id, status="RUNNING")
+        return client
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        """Logs params, flat ``{dotted key: value}`` (``MLflowConfig`` flattens the config).
+
+        MLflow params are immutable, so a resumed run logs only the keys it does not have yet, and warns
+        about values that differ from those first logged (MLflow keeps the first).
+        """
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        params = {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
+        logged = self.experiment.get_run(self.run_id).data.params if self.resumed else {}
+        changed = [f"{key}: {logged[key]} -> {value}" for key, value in params.items() if logged.get(key, value) != value]
+        if changed:
+            rank_zero_warn(
+                f"resuming MLflow run {self.run_id} with a changed config ({'; '.join(changed)}); its params keep "
+                "the first values, this run's config is logged as an artifact"
+            )
+        new = [Param(key, value) for key, value in params.items() if key not in logged]
+        for start in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
+            self.experiment.log_batch(run_id=self.run_id, params=new[start : start + 100])
+
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        # Lightning's MLFlowLogger remembers only the callback that saved most recently, so of a best and a
+        # last checkpoint callback only one would be uploaded at the end.
+        if self._log_model is True and checkpoint_callback.save_top_k != -1:
+            self._checkpoint_callbacks[checkpoint_callback.state_key] = checkpoint_callback
+        else:
+            super().after_save_checkpoint(checkpoint_callback)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (checkpoints are not uploaded: the
+        run is meant to be resumed); FAILED on any other error, with the error as the ``error`` tag and its
+        traceback as ``error.txt``.
+
+        Lightning reports every exception, SIGTERM and Ctrl-C included, as ``finalize("failed")`` from inside
+        its exception handler (lightning/pytorch/trainer/call.py, ``_interrupt``): the exception being handled
+        tells them apart.
+        """
+        if not self._initialized:
+            return
+        error = sys.exc_info()[1] if status == "failed" else None
+        if isinstance(error, (KeyboardInterrupt, SIGTERMException)):
+            self.experiment.set_terminated(self.run_id, "KILLED")
+            return
+        if error is not None:
+            message = " ".join(str(error).split()) or type(error).__name__
+            self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {message}"[:5000])
+            self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
+        for callback in self._checkpoint_callbacks.values():
+            self._scan_and_log_checkpoints(callback)
+        super().finalize(status)

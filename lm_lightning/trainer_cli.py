@@ -1,0 +1,84 @@
+"""LightningCLI for ``lm-lightning fit | validate | test``, in omegaconf mode, with our defaults."""
+
+from __future__ import annotations
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lm_lightning.callbacks import GracefulCtrlC, LastCheckpoint, ResumeState, TextSamples, TokensPerSecond
+from lm_lightning.data import TextDataModule
+from lm_lightning.hardware import auto_precision
+from lm_lightning.module import LanguageModel
+from lm_lightning.tracking.logger import MLflowLogger
+from lm_lightning.tracking.records import MLflowConfig, MLflowRunInfo
+from lm_lightning.tracking.runs import resolve_ckpt_path
+
+
+class LMCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision in (None, "auto"):
+            config.trainer.precision = auto_precision(config.trainer.accelerator)
+        # Lightning picks RichProgressBar whenever `rich` happens to be installed, which shows
+        # "Epoch 0/-2" for step-based runs; choose the bar here so it does not depend on the environment.
+        if config.trainer.enable_progress_bar is not False and not any(
+            "ProgressBar" in str(getattr(c, "class_path", c)) for c in config.trainer.callbacks or []
+        ):
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], TQDMProgressBar()]
+
+    def _parse_ckpt_path(self) -> None:
+        # A private hook of LightningCLI (pinned by tests/test_lightning_internals.py). Its own version replaces
+        # the model config with the checkpoint's hyperparameters when ckpt_path is a file (lightning/pytorch/cli.py):
+        # a resume with a changed option such as model.nonfinite_loss would silently lose it, and "last" would
+        # behave unlike a path. Here the config stays what the user wrote; a checkpoint of another shape is refused.
+        if subcommand := self.config.get("subcommand"):
+            resolve_ckpt_path(self.config[subcommand], subcommand)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.block_size", "data.block_size")
+        # Checkpointing, early stopping and text samples are always on, and configurable under their own keys:
+        # best.ckpt on validation loss (checkpoint.*), last.ckpt every few steps to resume from (last_checkpoint.*).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(TextSamples, "samples")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": False,  # last_checkpoint owns last.ckpt
+                "checkpoint.auto_insert_metric_name": False,
+                "early_stopping.monitor": "val/loss",
+                "early_stopping.patience": 5,
+                "early_stopping.check_finite": True,
+                "trainer.logger": lazy_instance(MLflowLogger),
+                "trainer.plugins": [{"class_path": "lm_lightning.callbacks.AtomicCheckpointIO"}],
+                "trainer.default_root_dir": "runs",
+                "trainer.max_steps": 2000,
+                "trainer.max_epochs": -1,
+                "trainer.val_check_interval": 200,
+                "trainer.check_val_every_n_epoch": None,  # validate every val_check_interval steps across epochs
+                "trainer.log_every_n_steps": 10,
+                "trainer.gradient_clip_val": 1.0,
+                "trainer.use_distributed_sampler": False,  # the data module shards by rank itself
+                "trainer.enable_autolog_hparams": False,  # MLflowConfig logs the whole resolved config instead
+            }
+        )
+
+
+def run_trainer_cli(args: list[str] | None) -> None:
+    """``lm-lightning fit | validate | test`` with ``args`` (``None``: ``sys.argv``)."""
+    LMCLI(
+        LanguageModel,
+        TextDataModule,
+        seed_everything_default=1337,
+        # Always present, in addition to any trainer.callbacks in the config.
+        trainer_defaults={"callbacks": [TokensPerSecond(), MLflowRunInfo(), ResumeState(), GracefulCtrlC()]},
+        auto_configure_optimizers=False,  # LanguageModel.configure_optimizers owns AdamW and its schedule
+        save_config_callback=MLflowConfig,
+        save_config_kwargs={"save_to_log_dir": False},
+        # allow_abbrev=False: argparse would otherwise take --trainer.max_step for --trainer.max_steps.
+        parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_error": False},
+        args=args,
+    )
