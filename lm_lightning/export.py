@@ -72,7 +72,10 @@ def _llama_layout(config: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[i
     """(our name, transformers names, sizes along dim 0) for every Llama / Qwen3 tensor: one of ours is
     the concatenation of its transformers tensors (fused QKV, fused gate and up projections)."""
     qkv = (config.n_embd, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim)
-    layout = [("transformer.wte.weight", ("model.embed_tokens.weight",), ()), ("transformer.ln_f.weight", ("model.norm.weight",), ())]
+    layout = [
+        ("transformer.wte.weight", ("model.embed_tokens.weight",), ()),
+        ("transformer.ln_f.weight", ("model.norm.weight",), ()),
+    ]
     if not config.tie_embeddings:
         layout.append(("lm_head.weight", ("lm_head.weight",), ()))
     for i in range(config.n_layer):
@@ -84,10 +87,11 @@ def _llama_layout(config: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[i
         if config.qk_norm:
             layout += [(ours + f"attn.{n}.weight", (theirs + f"self_attn.{n}.weight",), ()) for n in ("q_norm", "k_norm")]
         for kind in ("weight", "bias") if config.bias else ("weight",):
+            gate_up = (theirs + f"mlp.gate_proj.{kind}", theirs + f"mlp.up_proj.{kind}")
             layout += [
                 (ours + f"attn.c_attn.{kind}", tuple(theirs + f"self_attn.{p}_proj.{kind}" for p in "qkv"), qkv),
                 (ours + f"attn.c_proj.{kind}", (theirs + f"self_attn.o_proj.{kind}",), ()),
-                (ours + f"mlp.c_fc.{kind}", (theirs + f"mlp.gate_proj.{kind}", theirs + f"mlp.up_proj.{kind}"), (config.mlp_width,) * 2),
+                (ours + f"mlp.c_fc.{kind}", gate_up, (config.mlp_width,) * 2),
                 (ours + f"mlp.c_proj.{kind}", (theirs + f"mlp.down_proj.{kind}",), ()),
             ]
     return layout
@@ -223,7 +227,9 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"activation_function={hf['activation_function']!r} is not supported; only gelu_new is")
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-            raise ValueError("attention scaling other than 1/sqrt(head_dim) is not supported (scale_attn_weights, scale_attn_by_inverse_layer_idx)")
+            raise ValueError(
+                "attention scaling other than 1/sqrt(head_dim) is not supported (scale_attn_weights, scale_attn_by_inverse_layer_idx)"
+            )
         return GPTConfig(
             vocab_size=hf["vocab_size"],
             block_size=hf["n_positions"],
@@ -236,8 +242,8 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             tie_embeddings=tied,
         )
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, n_embd // n_head) or n_embd % n_head:
-        raise ValueError(f"head_dim={hf.get('head_dim')} differs from hidden_size / num_attention_heads; our model needs them equal")
+    if hf.get("head_dim") not in (None, n_embd / n_head):
+        raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads; our model needs them equal")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; only silu (SwiGLU) is")
     if hf.get("pretraining_tp", 1) != 1:
@@ -246,7 +252,7 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     if family == "llama" and hf.get("mlp_bias", False) != bias:
         raise ValueError("attention_bias differs from mlp_bias; our model has biases in every linear layer or in none")
     if family == "qwen3" and bias:
-        raise ValueError("attention_bias=true is not supported for qwen3 (its MLP has none; our model has biases everywhere or nowhere)")
+        raise ValueError("attention_bias=true is not supported for qwen3: its MLP has no biases, and our model's bias covers both")
     if hf.get("use_sliding_window"):
         raise ValueError("use_sliding_window=true is not supported; only full attention is")
     return GPTConfig(

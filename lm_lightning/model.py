@@ -59,7 +59,7 @@ class GPTConfig:
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     """MLP of the blocks: GELU (GPT-2), SwiGLU (Llama, Qwen3) or squared ReLU (modded-nanoGPT)."""
     mlp_hidden: int | None = None
-    """MLP hidden width; unset = 4 * n_embd for gelu and relu2, 8/3 * n_embd rounded up to a multiple of 64 for swiglu (equal parameters)."""
+    """MLP hidden width; unset = 4 * n_embd (gelu, relu2), or 8/3 * n_embd rounded up to a multiple of 64 (swiglu)."""
     n_kv_head: int | None = None
     """Key/value heads (grouped-query attention; 1 = multi-query); unset = n_head. Must divide n_head."""
     qk_norm: bool = False
@@ -96,10 +96,11 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        for name in ("rope_theta", "norm_eps", "logit_softcap"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}={value} must be positive" + (" (unset it to turn soft-capping off)" if name == "logit_softcap" else ""))
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be positive (unset it to turn soft-capping off)")
 
     @property
     def head_dim(self) -> int:

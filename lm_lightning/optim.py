@@ -22,23 +22,26 @@ OPTIMIZERS = ("adamw", "muon")
 class MuonAdamW(torch.optim.Optimizer):
     """``torch.optim.Muon`` over ``muon_groups`` and ``torch.optim.AdamW`` over ``adamw_groups``, as one optimizer.
 
-    ``param_groups`` is Muon's groups then AdamW's (the same dicts the two optimizers read), and
+    ``param_groups`` is AdamW's groups then Muon's (the same dicts the two optimizers read; AdamW's
+    first, so ``param_groups[0]["lr"]`` is ``learning_rate`` times the schedule, as with AdamW alone), and
     ``state`` is one mapping shared by both (their parameters are disjoint), so the base class's
     ``zero_grad``, ``state_dict`` and ``load_state_dict`` cover both.
     """
 
-    def __init__(self, muon_groups: list[dict[str, Any]], adamw_groups: list[dict[str, Any]], muon: dict[str, Any], adamw: dict[str, Any]):
+    def __init__(
+        self, muon_groups: list[dict[str, Any]], adamw_groups: list[dict[str, Any]], muon: dict[str, Any], adamw: dict[str, Any]
+    ):
         """``muon`` and ``adamw``: keyword arguments of ``torch.optim.Muon`` and ``torch.optim.AdamW``."""
         self.muon = torch.optim.Muon(muon_groups, **muon)
         self.adamw = torch.optim.AdamW(adamw_groups, **adamw)
-        self.n_muon_groups = len(self.muon.param_groups)
-        super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})
+        self.n_adamw_groups = len(self.adamw.param_groups)
+        super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
         self._share()
 
     def _share(self) -> None:
         """Point the two optimizers at this one's groups and state (again after ``load_state_dict`` replaced them)."""
-        self.muon.param_groups = self.param_groups[: self.n_muon_groups]
-        self.adamw.param_groups = self.param_groups[self.n_muon_groups :]
+        self.adamw.param_groups = self.param_groups[: self.n_adamw_groups]
+        self.muon.param_groups = self.param_groups[self.n_adamw_groups :]
         self.muon.state = self.adamw.state = self.state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -80,16 +80,16 @@ def test_muon_trains_the_blocks(family):
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model, opt, scheduler = setup("muon", **MODERN)
-    assert isinstance(opt, MuonAdamW) and opt.param_groups[0] is opt.muon.param_groups[0]
+    assert isinstance(opt, MuonAdamW) and opt.param_groups[2] is opt.muon.param_groups[0]
     names = {id(p): name for name, p in model.named_parameters()}
-    muon, decay, no_decay = ([names[id(p)] for p in group["params"]] for group in opt.param_groups)
+    decay, no_decay, muon = ([names[id(p)] for p in group["params"]] for group in opt.param_groups)
     assert sorted(muon) == sorted(
         f"transformer.h.{i}.{layer}.weight" for i in range(2) for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     )
     assert decay == ["lm_head.weight"]
     assert "transformer.wte.weight" in no_decay and "transformer.h.0.attn.q_norm.weight" in no_decay
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 / 5, 3e-3 / 5, 3e-3 / 5])  # warm-up scales every group
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([3e-3 / 5, 3e-3 / 5, 0.02 / 5])  # warm-up scales every group
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1]
 
 
 def test_adamw_decays_matrices_only():
