@@ -1,68 +1,141 @@
-"""A GPT-2 style decoder-only Transformer in plain PyTorch.
+"""A decoder-only Transformer in plain PyTorch: GPT-2 by default, Llama / Qwen3 / modded-nanoGPT
+style by configuration.
 
 This file imports nothing but torch, so the model can be read, tested and exported on its own.
-The architecture is GPT-2's: learned positions, pre-LayerNorm blocks, causal self-attention
-(``softmax(QK^T / sqrt(d_k)) V`` through ``F.scaled_dot_product_attention``, which picks a fused
-flash or memory-efficient kernel where the device has one), a GELU MLP and an output head tied to
-the token embedding.
+Every block is pre-norm: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``. Attention runs through
+``F.scaled_dot_product_attention``, which picks a fused flash or memory-efficient kernel where the
+device has one. The defaults of :class:`GPTConfig` are GPT-2's architecture (learned positions,
+LayerNorm, a GELU MLP, biases, an output head tied to the token embedding), so a checkpoint written
+before the other choices existed loads with the same parameter names and gives the same logits.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+CHOICES = {
+    "pos_embedding": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu", "relu2"),
+}
+
 
 @dataclass
 class GPTConfig:
-    """The model: every field is declared here once, and becomes ``--model.<field>`` (with this text
-    as its help) in the ``lm-lightning`` CLI. Field names follow GPT-2 and nanoGPT."""
+    """Shape and architecture of the model: the one place a model field is declared.
+
+    Field names follow GPT-2 and nanoGPT; the docstring under each field is its ``--model.<field>`` help.
+    """
 
     vocab_size: int | None = None
-    """Rows of the token embedding. Unset: the tokenizer's vocabulary size."""
+    """Rows of the token embedding; unset = the tokenizer's vocabulary size."""
     block_size: int = 256
-    """Longest context the model reads, in tokens."""
+    """Context length in tokens: the longest sequence the model reads at once."""
     n_layer: int = 4
-    """Transformer blocks."""
+    """Number of Transformer blocks."""
     n_head: int = 4
-    """Attention heads per block; must divide ``n_embd``."""
+    """Attention (query) heads per block; n_embd must be a multiple of it."""
     n_embd: int = 256
     """Width of the residual stream."""
     dropout: float = 0.0
-    """Dropout probability; 0 for short runs, 0.1-0.2 against overfitting a small corpus."""
+    """Dropout probability on embeddings, attention weights and residual branches (0 = off)."""
     bias: bool = True
-    """Biases in linear layers and norms, as GPT-2."""
+    """Biases in the linear layers and LayerNorms (GPT-2 has them; Llama and Qwen3 do not)."""
+    pos_embedding: Literal["learned", "rope"] = "learned"
+    """Positions: a learned table of block_size rows (GPT-2) or rotary embeddings on queries and keys (rope)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding's frequencies (with pos_embedding=rope)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation layer everywhere (blocks, final norm, qk_norm): LayerNorm (GPT-2) or RMSNorm (Llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every normalisation layer."""
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    """MLP of the blocks: GELU (GPT-2), SwiGLU (Llama, Qwen3) or squared ReLU (modded-nanoGPT)."""
+    mlp_hidden: int | None = None
+    """MLP hidden width; unset = 4 * n_embd (gelu, relu2), or 8/3 * n_embd rounded up to a multiple of 64 (swiglu)."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention; 1 = multi-query); unset = n_head. Must divide n_head."""
+    qk_norm: bool = False
+    """Normalise each head's queries and keys before attention (Qwen3, modded-nanoGPT)."""
+    tie_embeddings: bool = True
+    """Share the output head's weights with the token embedding (GPT-2); false = a separate head."""
+    logit_softcap: float | None = None
+    """Soft-cap the logits to (-c, c) as c * tanh(logits / c) (Gemma 2, modded-nanoGPT); unset = off."""
+    zero_init_proj: bool = False
+    """Initialise the blocks' output projections (and an untied head) to zero, as modded-nanoGPT and nanochat do."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_size", "mlp_hidden", "n_kv_head"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be a positive integer")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a choice; choose one of {', '.join(choices)}")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 f"choose n_embd as a multiple of n_head (e.g. {self.n_head * max(1, round(self.n_embd / self.n_head))})"
             )
+        if self.n_head % self.kv_heads:
+            raise ValueError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                "choose n_kv_head as a divisor of n_head (1 = multi-query, unset = n_head)"
+            )
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"pos_embedding=rope needs an even head size, but n_embd / n_head = {self.head_dim}; "
+                "change n_embd or n_head"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be positive (unset it to turn soft-capping off)")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads, ``n_kv_head`` resolved."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """MLP hidden width, ``mlp_hidden`` resolved. SwiGLU has three matrices instead of two, so
+        2/3 of 4 * n_embd keeps its parameter count (Llama's rule); multiples of 64 suit matmul kernels."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
 
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``.
 
     Generation prefills it with the prompt, then feeds one token per step, so each step costs
-    attention over the cache instead of a full forward over the whole sequence.
+    attention over the cache instead of a full forward over the whole sequence. It holds
+    ``n_kv_head`` heads, not ``n_head``: the memory grouped-query attention saves. Keys are stored
+    with their rotary embedding applied, so ``length`` is also the position of the next token.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
         if max_len > config.block_size:
             raise ValueError(f"cache length {max_len} exceeds block_size={config.block_size}")
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
@@ -84,19 +157,62 @@ class KVCache:
         self.values = self.values.expand(-1, batch_size, -1, -1, -1).contiguous()
 
 
+def make_norm(config: GPTConfig, size: int) -> nn.Module:
+    """The configured normalisation over the last ``size`` features."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=config.norm_eps)
+    return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines ``(block_size, head_dim / 2)`` of the rotary embedding, in float32.
+
+    Frequency ``i`` turns by ``theta ** (-2i / head_dim)`` radians per position, computed as
+    transformers' Llama does so exported models give the same logits.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, T, heads, head_dim)`` by position; ``cos``, ``sin``: ``(T, head_dim / 2)``.
+
+    Pairs are (i, i + head_dim / 2), the two halves of the head (transformers' ``rotate_half``,
+    not interleaved), so Llama and Qwen3 weights need no permutation.
+    """
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # One matmul for queries, keys and values (fewer, larger kernels); with grouped-query
+        # attention the key and value parts are n_kv_head heads wide.
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = make_norm(config, self.head_dim)
+            self.k_norm = make_norm(config, self.head_dim)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in self.c_attn(x).split(sizes, dim=2))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask = None
         is_causal = True
         if cache is not None:
@@ -108,7 +224,8 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            enable_gqa=self.n_kv_head != self.n_head,  # query head i reads key/value head i // (n_head / n_kv_head)
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -117,25 +234,37 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so exported weights match HF exactly
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = config.mlp_width
+        # SwiGLU's gate and up projections are one matmul, split after.
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU, so exported weights match HF exactly
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -143,26 +272,38 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size is None:
-            raise ValueError("vocab_size is unset: set it, or take it from a tokenizer")
+            raise ValueError("vocab_size is unset: set it to the tokenizer's vocabulary size (or larger)")
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_embedding == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config, config.n_embd),
         )
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.pos_embedding == "rope":
+            # Not parameters and not saved: derived from the config, rebuilt on load.
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # recompute each block in backward instead of storing activations
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
-        # variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    # Each block starts as the identity and grows from there (modded-nanoGPT, nanochat).
+                    nn.init.zeros_(p)
+                else:
+                    # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual
+                    # stream's variance does not grow with depth.
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)  # uniform predictions at step 0
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -174,12 +315,21 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (the tied head counted once); without position embeddings if ``non_embedding``."""
+        """Parameter count (a tied head counted once). With ``non_embedding``, without the tables that
+        are only looked up, never multiplied: learned positions, and the token embedding when the head
+        is untied (a tied one is the head's matmul)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's appendix B."""
+        """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's appendix B:
+        6 per matmul parameter, plus attention's scores and weighted values over ``seq_len`` keys
+        (n_head * head_dim = n_embd wide, whatever the number of key/value heads)."""
         cfg = self.config
         t = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * t
@@ -187,23 +337,33 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` of shape ``(B, T)``.
 
-        With a ``cache``, ``idx`` continues the sequence already in it and the cache is advanced.
-        With ``last_only``, logits of the last position only, ``(B, 1, vocab_size)``: generation
-        needs no others, and the head is the largest matmul of a prefill.
+        With a ``cache``, ``idx`` continues the sequence already in it, at positions from
+        ``cache.length``, and the cache is advanced. With ``last_only``, logits of the last position
+        only, ``(B, 1, vocab_size)``: generation needs no others, and the head is the largest matmul
+        of a prefill.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, cache, i)
+                x = block(x, rope, cache, i)
         if cache is not None:
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
