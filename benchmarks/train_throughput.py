@@ -32,7 +32,8 @@ from lm_lightning.data.cache import TokenShards
 from lm_lightning.data.windows import ResumableLoader, ResumableSampler, TrainWindows
 from lm_lightning.hardware import peak_flops, precision_dtype
 from lm_lightning.tracking.logger import MLflowLogger
-from lm_lightning.module import LanguageModel, warmup_cosine
+from lm_lightning.module import LanguageModel
+from lm_lightning.optim import warmup_cosine
 
 SHAPES = {
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=512),

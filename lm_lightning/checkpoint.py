@@ -37,8 +37,9 @@ SKIPPED_BATCHES_KEY = "skipped_batches"
 RUN_ID_KEY = "mlflow_run_id"
 LEGACY_LOSS_WINDOW_KEY = "train_loss_window"
 
-# Every model field but dropout fixes the weights' shapes or meaning: a checkpoint must match them all.
-SHAPE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "dropout")
+# Every model field but these fixes the weights' shapes or meaning: a checkpoint must match them all.
+TRAINING_ONLY_FIELDS = ("dropout", "zero_init_proj")
+SHAPE_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in TRAINING_ONLY_FIELDS)
 
 
 class CheckpointError(UserError):

@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from lm_lightning.errors import UserError
 from lm_lightning.model import GPT, GPTConfig
 from lm_lightning.tokenizer import EOT, tokenizer_from_str
 
@@ -34,7 +35,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model that cannot be exported, or a folder that cannot be written to or loaded from."""
 
 

@@ -23,6 +23,7 @@ from lm_lightning.checkpoint import (
 from lm_lightning.errors import ConfigError, RunError
 from lm_lightning.files import cache_root
 from lm_lightning.model import GPT, GPTConfig
+from lm_lightning.optim import build_optimizer, warmup_cosine
 
 
 class NonFiniteLossError(RunError):
@@ -32,8 +33,10 @@ class NonFiniteLossError(RunError):
 class LanguageModel(L.LightningModule):
     def __init__(
         self,
+        optimizer: Literal["adamw", "muon"] = "adamw",
         learning_rate: float = 1e-3,
-        min_lr: float | None = None,
+        muon_lr: float = 0.02,
+        min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
         weight_decay: float = 0.1,
@@ -46,10 +49,13 @@ class LanguageModel(L.LightningModule):
         """A GPT trained by next-token prediction.
 
         Args:
+            optimizer: ``adamw`` for every parameter, or ``muon``: Muon (``torch.optim.Muon``) for the blocks'
+                weight matrices and AdamW for embeddings, head, norms and biases.
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
-            min_lr: Learning rate at the end of the cosine decay. Unset: ``learning_rate / 10``.
+            muon_lr: Peak Muon learning rate (with ``optimizer: muon``); it follows the same schedule.
+            min_lr_ratio: Learning rate at the end of the cosine decay, as a fraction of the peak (0.1: a tenth).
             warmup_steps: Steps of linear warm-up from 0.
-            lr_decay_steps: Step at which the cosine decay reaches ``min_lr``. Unset: the Trainer's total steps.
+            lr_decay_steps: Step at which the cosine decay reaches its end. Unset: the Trainer's total steps.
             weight_decay: AdamW weight decay on matrices (not on biases, norms or embeddings).
             betas: AdamW betas.
             compile: Compile the model with ``torch.compile`` (in place) before training; the compiled
@@ -64,8 +70,10 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         if learning_rate <= 0:
             raise ConfigError(f"model.learning_rate={learning_rate} must be positive, e.g. 1e-3")
-        if min_lr is not None and not 0 <= min_lr <= learning_rate:
-            raise ConfigError(f"model.min_lr={min_lr} must be between 0 and model.learning_rate={learning_rate}")
+        if muon_lr <= 0:
+            raise ConfigError(f"model.muon_lr={muon_lr} must be positive, e.g. 0.02")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ConfigError(f"model.min_lr_ratio={min_lr_ratio} must be between 0 and 1 (a fraction of the peak rate)")
         if warmup_steps < 0:
             raise ConfigError(f"model.warmup_steps={warmup_steps} must be >= 0")
         try:  # a bad model is refused now, not after tokenizing
@@ -212,19 +220,16 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # Decay matrices only: biases, LayerNorm weights and embeddings keep their scale (GPT-2, nanoGPT).
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # A fused AdamW unscales fp16 gradients itself, after clipping would have seen them scaled.
         fused = self.device.type in ("cuda", "cpu") and self.trainer.precision not in ("16-mixed", "16-true")
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
+        try:
+            optimizer = build_optimizer(
+                self.model, hp.optimizer, hp.learning_rate, hp.muon_lr, hp.weight_decay, tuple(hp.betas), fused
+            )
+        except ValueError as e:
+            raise ConfigError(f"model.optimizer: {e}") from None
         total = hp.lr_decay_steps or int(self.trainer.estimated_stepping_batches)
-        min_ratio = (hp.min_lr if hp.min_lr is not None else hp.learning_rate / 10) / hp.learning_rate
-        schedule = warmup_cosine(hp.warmup_steps, total, min_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -237,15 +242,3 @@ class LanguageModel(L.LightningModule):
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier: linear from 0 over ``warmup_steps``, then cosine down to ``min_ratio`` at ``total_steps``."""
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return schedule

@@ -8,6 +8,7 @@ both states, so checkpoints and exact resume work as with AdamW alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -108,3 +109,15 @@ def build_optimizer(
         return torch.optim.AdamW(adamw_groups, **adamw)
     muon = dict(lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True)
     return MuonAdamW([{"params": muon_params}], adamw_groups, muon=muon, adamw=adamw)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear from 0 over ``warmup_steps``, then cosine down to ``min_ratio`` at ``total_steps``."""
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lm_lightning.data import TextDataModule
-from lm_lightning.module import LanguageModel, warmup_cosine
+from lm_lightning.module import LanguageModel
+from lm_lightning.optim import warmup_cosine
 
 
 def test_schedule_warms_up_linearly_then_decays_to_min_lr():
