@@ -67,7 +67,8 @@ class ResumableLoader(DataLoader):
 
     ``consumed`` reports how many batches of the current epoch the training loop has finished; the
     loader itself cannot count them, as workers and Lightning's fetcher read ahead. Its state names the
-    next batch to train on, so it does not depend on ``num_workers``.
+    next batch to train on, so it does not depend on ``num_workers``. (torchdata's ``StatefulDataLoader``
+    would add a dependency, and its state counts what its workers fetched ahead, not what was trained on.)
     """
 
     def __init__(self, *args, consumed: Callable[[], int] = lambda: 0, **kwargs):
