@@ -113,6 +113,11 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in commands.COMMANDS:  # generate, export: outside LightningCLI
             commands.run(argv[0], argv[1:])
             return
+        if argv and argv[0] == "sweep":  # an Optuna study whose trials are fit processes
+            from lm_lightning.sweep import main as sweep
+
+            sweep(argv[1:])
+            return
         LMCLI(
             LanguageModel,
             TextDataModule,
