@@ -15,7 +15,6 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import optuna
 import yaml
@@ -47,14 +46,16 @@ def resolve_config(fit_args: list[str], overrides: dict[str, Any] | None = None)
     a bad flag or config exits here, with fit's one-line error."""
     from lm_lightning.cli import main
 
-    out = io.StringIO()
-    # LightningCLI warns when sys.argv holds other arguments than those it is given.
-    with contextlib.redirect_stdout(out), mock.patch.object(sys, "argv", sys.argv[:1]):
-        try:
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = argv[:1]  # LightningCLI warns when sys.argv holds other arguments than those it is given
+    try:
+        with contextlib.redirect_stdout(out):
             main(["fit", *fit_args, *as_flags(overrides or {}), "--print_config"])
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        sys.argv = argv
     return out.getvalue()
 
 

@@ -45,7 +45,7 @@ class SweepSettings:
         seed: Seed of the sampler (TPE), for a reproducible sequence of trials. Unset: random.
     """
 
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
     metric: str = "val/bpb"
     direction: Literal["minimize", "maximize"] = "minimize"
     target: float | None = None
