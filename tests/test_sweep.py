@@ -38,7 +38,7 @@ def runs_by_role(client: MlflowClient, experiment: str = "lm_lightning") -> tupl
 
 def cache_files() -> dict[str, int]:
     cache = Path(os.environ["LM_LIGHTNING_CACHE"])
-    return {str(p): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    return {str(p): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 def test_sweep_continues_on_rerun_and_best_yaml_trains_to_its_value(mlflow_store, tiny_config, corpus):
