@@ -114,7 +114,7 @@ def main(args: list[str] | None = None) -> None:
             commands.run(argv[0], argv[1:])
             return
         if argv and argv[0] == "sweep":  # an Optuna study whose trials are fit processes
-            from lm_lightning.sweep import main as sweep
+            from lm_lightning.sweep.run import main as sweep
 
             sweep(argv[1:])
             return

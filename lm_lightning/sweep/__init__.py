@@ -1,5 +1,5 @@
-"""``lm-lightning sweep``: hyperparameter search with Optuna over any ``fit`` config key, each trial a child MLflow run."""
+"""``lm-lightning sweep``: hyperparameter search with Optuna over any ``fit`` config key, each trial a child MLflow run.
 
-from lm_lightning.sweep.run import main
-
-__all__ = ["main"]
+``run``: the sweep (the study, the parent run, one ``fit`` process per trial); ``report``: the callback inside each
+trial; ``settings`` and ``space``: what was asked, checked before any trial.
+"""

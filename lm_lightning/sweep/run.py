@@ -38,6 +38,7 @@ def flag_value(value: Any) -> str:
 
 
 def as_flags(values: dict[str, Any]) -> list[str]:
+    """``{"model.n_layer": 4}`` -> ``["--model.n_layer", "4"]``."""
     return [part for key, value in values.items() for part in (f"--{key}", flag_value(value))]
 
 
@@ -176,13 +177,14 @@ class Sweep:
     def run(self) -> None:
         """Runs the trials, then logs the summary to the parent run; Ctrl-C or SIGTERM stop the trial in flight."""
         print(f"sweep {self.settings.name!r}: study in {self.storage}, parent MLflow run {self.parent_id}, trials under {self.folder}")
-        status, start = "FINISHED", time.monotonic()
+        status, start = "FAILED", time.monotonic()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             for _ in range(self.settings.n_trials):
                 if self.settings.timeout is not None and time.monotonic() - start > self.settings.timeout:
                     break
                 self._run_trial(self.study.ask(self.space))
+            status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
         finally:
@@ -234,6 +236,8 @@ class Sweep:
         state, value, note = self._outcome(trial, code, log)
         self.study.tell(trial, value, state=state)
         print(f"trial {trial.number}: {note} ({time.time() - started:.1f} s, output in {log})", flush=True)
+        if state == TrialState.FAIL and code == 0:  # every later trial would fail the same way
+            raise SweepError(f"trial {trial.number} never logged {self.settings.metric}: check sweep.metric (e.g. val/bpb, val/loss)")
 
     @staticmethod
     def _stop(child: subprocess.Popen) -> None:
