@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def parse_sweep_args(args: list[str]) -> SweepArgs:
     sweep_flags, fit_args = split_args(args)
     workdir = tempfile.TemporaryDirectory(prefix="lm-lightning-sweep-")
     fit_args, sections = strip_sweep_sections(fit_args, Path(workdir.name))
-    parser = ArgumentParser(prog="lm-lightning sweep", exit_on_error=False, description=SweepSettings.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="lm-lightning sweep", exit_on_error=False, description=inspect.cleandoc(SweepSettings.__doc__).split("\n\nArgs:")[0])
     parser.add_class_arguments(SweepSettings, "sweep")
     from_files = [f"--sweep.{key}={json.dumps(value)}" for _, section in sections for key, value in section.items()]
     settings = SweepSettings(**parser.parse_args([*from_files, *sweep_flags]).sweep.as_dict())
