@@ -112,7 +112,7 @@ class Sweep:
         self.storage = settings.storage or default_storage(self.tracking_uri)
         self.client = mlflow_client(self.tracking_uri)
         self.study = self._study()
-        self.parent_id, self.folder = self._parent_run()
+        self.experiment_id, self.parent_id, self.folder = self._parent_run()
 
     def _study(self) -> optuna.Study:
         s = self.settings
@@ -154,8 +154,8 @@ class Sweep:
                 study.tell(trial.number, state=TrialState.FAIL)
                 print(f"trial {trial.number}: left running by a sweep that died, marked failed")
 
-    def _parent_run(self) -> tuple[str, Path]:
-        """The study's parent MLflow run (created the first time, set back to RUNNING after) and its folder."""
+    def _parent_run(self) -> tuple[str, str, Path]:
+        """The experiment, the study's parent MLflow run (created the first time, set back to RUNNING after) and its folder."""
         name = self.logger_args.get("experiment_name") or "lm_lightning"
         with store_init_lock(self.tracking_uri):
             experiment = self.client.get_experiment_by_name(name)
@@ -172,7 +172,7 @@ class Sweep:
         folder = Path(lookup(self.base, "trainer.default_root_dir") or ".") / experiment_id / run_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "base.yaml").write_text(self.base_yaml, encoding="utf-8")
-        return run_id, folder
+        return experiment_id, run_id, folder
 
     def run(self) -> None:
         """Runs the trials, then logs the summary to the parent run; Ctrl-C or SIGTERM stop the trial in flight."""
@@ -261,6 +261,8 @@ class Sweep:
         if code != 0:
             error = last_line(log)
             trial.set_user_attr("error", error)
+            if RUN_ID not in frozen.user_attrs:
+                self._failed_run(trial, error)
             return TrialState.FAIL, None, f"failed (exit code {code}): {error}"
         reported = [v for v in frozen.intermediate_values.values() if v == v]  # NaN never compares equal
         if not reported:
@@ -273,6 +275,15 @@ class Sweep:
             return TrialState.COMPLETE, seconds, f"{metric} reached {self.settings.target} in {seconds:.1f} s of training"
         best = max(reported) if self.settings.direction == "maximize" else min(reported)
         return TrialState.COMPLETE, best, f"{metric} {best:.4f}"
+
+    def _failed_run(self, trial: optuna.Trial, error: str) -> None:
+        """A FAILED child run for a trial that failed before its own run began (say, a model shape that does not
+        fit), so that every trial shows in MLflow with its values and error."""
+        tags = {"mlflow.parentRunId": self.parent_id, "trial": str(trial.number), "error": error[:5000]}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"{self.settings.name}-{trial.number}", tags=tags).info.run_id
+        for key, value in trial.params.items():
+            self.client.log_param(run_id, key, flag_value(value))
+        self.client.set_terminated(run_id, "FAILED")
 
     def _record_overhead(self, trial: optuna.Trial, started: float) -> None:
         """Seconds from the trial's process start to its first training step (imports, data, model, MLflow)."""
