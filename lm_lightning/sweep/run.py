@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lm_lightning.callbacks import flatten
+from lm_lightning.data import cache_root
 from lm_lightning.logger import mlflow_client, resolve_tracking_uri, store_init_lock
 from lm_lightning.sweep.report import PRUNED_AT, RUN_ID, SECONDS_TO_TARGET, make_pruner
 from lm_lightning.sweep.settings import SweepError, SweepSettings, parse_sweep_args
@@ -28,6 +30,8 @@ from lm_lightning.sweep.space import build_space, check_keys, lookup
 
 LOGGER_CLASS = "lm_lightning.logger.MLflowLogger"
 INTERRUPTED_EXIT_CODE = 130
+TOKENIZER_KEYS = ("data.vocab_size", "data.tokenizer_sample_bytes", "data.jsonl_field")
+"""Keys that change the tokenizer a trial trains, hence its token cache."""
 PARENT_TAG = "sweep"
 """Tag of the parent MLflow run: the study name. Rerunning a sweep finds its parent run by it."""
 
@@ -212,7 +216,19 @@ class Sweep:
             "--trainer.logger.init_args.tags", json.dumps(tags),
             "--trainer.default_root_dir", str(self.folder),
             f"--trainer.callbacks+={json.dumps(report)}",
+            *self._cache_flags(trial.params),
         ]
+
+    def _cache_flags(self, params: dict[str, Any]) -> list[str]:
+        """A token cache folder per tokenizer the space samples. The data module keeps one cache per corpus and
+        rebuilds it whenever the tokenizer changes: trials alternating between vocabulary sizes would each
+        retrain the tokenizer and retokenize the corpus."""
+        tokenizer = {key: value for key, value in params.items() if key in TOKENIZER_KEYS}
+        if not tokenizer:
+            return []
+        root = Path(lookup(self.base, "data.cache_dir") or cache_root()).expanduser()
+        key = hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode()).hexdigest()[:12]
+        return ["--data.cache_dir", str(root / f"sweep-tokenizer-{key}")]
 
     def _run_trial(self, trial: optuna.Trial) -> None:
         """Runs one trial's ``fit`` to its end and tells the study how it went."""
