@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -21,14 +22,12 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from lm_lightning.callbacks import flatten
 from lm_lightning.data import cache_root
 from lm_lightning.logger import mlflow_client, resolve_tracking_uri, store_init_lock
 from lm_lightning.sweep.report import PRUNED_AT, RUN_ID, SECONDS_TO_TARGET, make_pruner
 from lm_lightning.sweep.settings import SweepError, SweepSettings, parse_sweep_args
 from lm_lightning.sweep.space import build_space, check_keys, lookup
 
-LOGGER_CLASS = "lm_lightning.logger.MLflowLogger"
 INTERRUPTED_EXIT_CODE = 130
 TOKENIZER_KEYS = ("data.vocab_size", "data.tokenizer_sample_bytes", "data.jsonl_field")
 """Keys that change the tokenizer a trial trains, hence its token cache."""
@@ -62,6 +61,26 @@ def resolve_config(fit_args: list[str], overrides: dict[str, Any] | None = None)
     finally:
         sys.argv = argv
     return out.getvalue()
+
+
+def is_our_logger(class_path: str) -> bool:
+    """Whether a config's ``trainer.logger.class_path`` is ``MLflowLogger`` (or a subclass), under any module path."""
+    from lm_lightning.logger import MLflowLogger
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return False
+    return isinstance(found, type) and issubclass(found, MLflowLogger)
+
+
+def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configs."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return [] if before == after else [prefix.rstrip(".") or "(config)"]
+    keys = sorted(before.keys() | after.keys())
+    return [k for key in keys for k in changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")]
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -109,8 +128,8 @@ class Sweep:
         self.base = yaml.safe_load(self.base_yaml)
         check_keys(self.space, self.base, lambda overrides: yaml.safe_load(resolve_config(fit_args, overrides)))
         logger = lookup(self.base, "trainer.logger") or {}
-        if not isinstance(logger, dict) or logger.get("class_path") != LOGGER_CLASS:
-            raise SweepError(f"a sweep records its trials in MLflow: trainer.logger must be {LOGGER_CLASS}")
+        if not (isinstance(logger, dict) and is_our_logger(logger.get("class_path", ""))):
+            raise SweepError("a sweep records its trials in MLflow: trainer.logger must be lm_lightning's MLflowLogger")
         self.logger_args = logger.get("init_args") or {}
         self.tracking_uri = resolve_tracking_uri(self.logger_args.get("tracking_uri"))
         self.storage = settings.storage or default_storage(self.tracking_uri)
@@ -140,9 +159,7 @@ class Sweep:
             study.set_user_attr("base_config", self.base)
             study.set_user_attr("sweep", {k: v for k, v in vars(self.settings).items() if k != "seed"})
             return
-        was, now = flatten(before), flatten(self.base)
-        changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
-        if changed:
+        if changed := changed_keys(before, self.base):
             raise SweepError(
                 f"study {study.study_name!r} ran with another config ({', '.join(changed[:5])} differ): "
                 "rerun it as it was, or start a new study with --sweep.name"
