@@ -36,6 +36,11 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in commands.COMMANDS:
             commands.run(argv[0], argv[1:])
             return
+        if argv and argv[0] == "sweep":  # an Optuna study whose trials are fit processes
+            from lm_lightning.sweep.run import main as sweep
+
+            sweep(argv[1:])
+            return
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         from lm_lightning.trainer_cli import run_trainer_cli
