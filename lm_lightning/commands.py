@@ -45,7 +45,8 @@ def generate(
     """Continue a prompt with a trained model and print each sample (the prompt, then its continuation).
 
     Args:
-        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, or a folder written by ``lm-lightning export``.
+        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, a folder written by ``lm-lightning export``,
+            or a transformers GPT-2, Llama or Qwen3 folder (config.json, safetensors weights, its tokenizer).
         prompt: Text to continue. Empty: start a new document (from the end-of-text token).
         prompt_file: Read the prompt from this UTF-8 file instead; ``-`` reads standard input.
         num_samples: Samples to generate, in one batch.
