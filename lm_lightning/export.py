@@ -342,8 +342,9 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
 
 def folder_config(folder: str | Path) -> GPTConfig:
     """Our config for a transformers folder's ``config.json`` (its weights are not read)."""
+    hf = read_hf_config(folder)
     try:
-        return config_from_hf(read_hf_config(folder))
+        return config_from_hf(hf)
     except ValueError as e:
         raise ExportError(f"cannot load {folder}: {e}") from None
     except KeyError as e:
@@ -365,7 +366,8 @@ def load_model(folder: str | Path) -> GPT:
     try:
         model.load_state_dict(_our_state(config, weights))
     except (KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
-        first = str(e).strip().splitlines()[0]
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        first = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
         raise ExportError(f"cannot load {folder}: its weights do not fit its config.json ({first})") from None
     return model.eval()
 

@@ -1,6 +1,6 @@
 """A model to start from: a transformers folder (GPT-2, Llama, Qwen3), a folder written by ``lm-lightning
 export``, or a training checkpoint (``.ckpt``) of ours. ``fit --model.init_from``, ``generate`` and
-``evaluate`` load one with :func:`load_source`; the CLI reads its shape alone with :func:`source_config`.
+``evaluate`` load one with :func:`load_source`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_checkpoint, load_gpt, model_config
+from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_gpt
 from lm_lightning.errors import ConfigError
-from lm_lightning.export import folder_config, hf_family, load_pretrained
+from lm_lightning.export import hf_family, load_pretrained
 from lm_lightning.model import GPT, GPTConfig
 from lm_lightning.tokenizer import declared_special_tokens
 
@@ -51,14 +51,6 @@ def _family(config: GPTConfig) -> str:
 
 def config_hash(config: GPTConfig) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def source_config(path: str | Path) -> GPTConfig:
-    """The model config of a source, without reading its weights (a checkpoint's tensors are only mapped)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".ckpt":
-        return folder_config(path)
-    return model_config(load_checkpoint(path, mmap=True).get("hyper_parameters") or {})
 
 
 def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
@@ -119,12 +111,18 @@ def init_model(path: str, given: Mapping[str, Any]) -> tuple[GPT, Tokenizer, Sou
 def apply_init_from(config) -> None:
     """Fill a ``fit`` config (a jsonargparse namespace) from ``model.init_from``, before anything is built: the
     model fields become the source's (see :func:`init_config`), so the logged config is the model trained;
-    ``data.block_size`` follows; ``data.tokenizer_path`` is the source (its tokenizer), or must hold the same."""
+    ``data.block_size`` follows; ``data.tokenizer_path`` is the source (its tokenizer), or must hold the same.
+
+    The source is loaded whole here (and again by ``LanguageModel``): a bad one is refused before the MLflow
+    store, the run folder or the token cache is written.
+    """
     from lm_lightning.tokenizer import load_tokenizer
 
     path = config.model.init_from
     names = [f.name for f in fields(GPTConfig)]
-    resolved = init_config(source_config(path), {k: config.model[k] for k in names if k in config.model}, path)
+    model, _, _ = load_source(path)
+    resolved = init_config(model.config, {k: config.model[k] for k in names if k in config.model}, path)
+    del model
     for name in names:
         config.model[name] = getattr(resolved, name)
     config.data.block_size = resolved.block_size

@@ -167,6 +167,10 @@ def test_shape_flags_that_contradict_the_folder_are_refused(folders, tmp_path, c
     assert not any((tmp_path / name).exists() for name in ("mlflow.db", "runs", "cache"))
 
 
+class Weights(dict):
+    """Not a plain container: unpickling it runs this module's code."""
+
+
 def break_folder(folder: Path, how: str) -> str:
     """Spoil a copy of a model folder in one way; return what the one-line error must say."""
     config = json.loads((folder / "config.json").read_text())
@@ -186,10 +190,6 @@ def break_folder(folder: Path, how: str) -> str:
         (folder / "tokenizer.json").write_text(train_tokenizer([TEXT], 400).to_str())
         return "its tokenizer has 400 tokens but the model's embedding has 300 rows"
     if how == "pickled-bin":
-
-        class Weights(dict):
-            pass
-
         (folder / "model.safetensors").unlink()
         torch.save(Weights(w=torch.zeros(1)), folder / "pytorch_model.bin")
         return "pytorch_model.bin: it holds objects that need pickle to load"
