@@ -25,6 +25,7 @@ PROMPT = "我爱北京天安门"
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64, head_dim=8)
 FAMILIES = ("gpt2", "llama", "qwen3")
+FINETUNE = Path(__file__).resolve().parents[1] / "conf" / "finetune.yaml"
 
 
 def byte_level_tokenizer(specials: list[str], bos: str | None = None) -> Tokenizer:
@@ -84,7 +85,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def fit_args(folder: Path, corpus: Path, *extra: str) -> list[str]:
-    return ["fit", "--model.init_from", str(folder), "--data.path", str(corpus), "--model.block_size", "32",
+    return ["fit", "--config", str(FINETUNE), "--model.init_from", str(folder), "--data.path", str(corpus), "--model.block_size", "32",
             "--data.batch_size", "4", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
             "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1", "--trainer.precision", "32-true",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false", "--samples.prompts", "[]",
