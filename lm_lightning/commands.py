@@ -82,7 +82,7 @@ def _print_header(i: int, num_samples: int) -> None:
 
 
 def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
-    """Write a checkpoint as a Hugging Face transformers GPT-2 folder.
+    """Write a checkpoint as a Hugging Face transformers folder of its family (GPT-2, Llama or Qwen3).
 
     The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and
     ``AutoTokenizer.from_pretrained(out)``, offline.

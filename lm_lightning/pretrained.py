@@ -19,7 +19,7 @@ from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_gpt
 from lm_lightning.errors import ConfigError
 from lm_lightning.export import hf_family, load_pretrained
 from lm_lightning.model import GPT, GPTConfig
-from lm_lightning.tokenizer import declared_special_tokens
+from lm_lightning.tokenizer import declared_special_tokens, token_bytes
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
     """The model (in eval mode), tokenizer and :class:`SourceInfo` of a transformers folder or a ``.ckpt`` of ours.
 
     Everything is checked before it is returned (config, weights against config, tokenizer against the
-    embedding); a problem is one line (a ``UserError``).
+    embedding, a byte-level tokenizer); a problem is one line (a ``UserError``).
     """
     path = Path(path)
     if path.is_dir() or path.suffix != ".ckpt":
@@ -67,6 +67,7 @@ def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
     else:
         model, tokenizer = load_gpt(path)
         stop, kind = [], "checkpoint"
+    token_bytes(tokenizer)  # refuses a tokenizer that is not byte-level now, not after tokenizing a corpus with it
     info = SourceInfo(str(path.resolve()), kind, _family(model.config), config_hash(model.config),
                       tuple(i for i in stop if i is not None))
     return model, tokenizer, info

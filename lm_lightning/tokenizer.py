@@ -118,8 +118,9 @@ def declared_special_tokens(folder: str | os.PathLike) -> dict[str, list[str]]:
     or ``tokenizer.json``), each as a list (generation may stop at several)."""
     folder = Path(folder)
     configs = [_read_json(folder / name) for name in ("tokenizer_config.json", "generation_config.json", "config.json")]
-    vocab = _read_json(folder / "vocab.json") or _read_json(folder / "tokenizer.json").get("model", {}).get("vocab", {})
-    added = _read_json(folder / "tokenizer.json").get("added_tokens", [])
+    tokenizer_json = _read_json(folder / "tokenizer.json")
+    vocab = _read_json(folder / "vocab.json") or tokenizer_json.get("model", {}).get("vocab", {})
+    added = tokenizer_json.get("added_tokens", [])
     names = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {}
     names.update({a["id"]: a["content"] for a in added})
     declared: dict[str, list[str]] = {}

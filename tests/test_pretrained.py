@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import SentencePieceBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from conftest import CHINESE, english_text, metric_history, only_run, run_main, single_thread
 from lm_lightning.checkpoint import load_gpt
@@ -190,6 +190,11 @@ def break_folder(folder: Path, how: str) -> str:
     if how == "tokenizer-too-big":
         (folder / "tokenizer.json").write_text(train_tokenizer([TEXT], 400).to_str())
         return "its tokenizer has 400 tokens but the model's embedding has 300 rows"
+    if how == "not-byte-level":  # sentencepiece-style: ▁ for spaces
+        sentencepiece = SentencePieceBPETokenizer()
+        sentencepiece.train_from_iterator([TEXT], vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False)
+        (folder / "tokenizer.json").write_text(sentencepiece.to_str())
+        return "the tokenizer is not byte-level"
     if how == "pickled-bin":
         (folder / "model.safetensors").unlink()
         torch.save(Weights(w=torch.zeros(1)), folder / "pytorch_model.bin")
@@ -197,7 +202,9 @@ def break_folder(folder: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["no-config", "model-type", "weights-do-not-fit", "no-tokenizer", "tokenizer-too-big", "pickled-bin"])
+@pytest.mark.parametrize(
+    "how", ["no-config", "model-type", "weights-do-not-fit", "no-tokenizer", "tokenizer-too-big", "not-byte-level", "pickled-bin"]
+)
 def test_bad_folders_are_one_line_and_nothing_is_written(how, folders, tmp_path, capsys):
     import shutil
 
