@@ -24,6 +24,7 @@ from lm_lightning.errors import ConfigError, RunError
 from lm_lightning.files import cache_root
 from lm_lightning.model import GPT, GPTConfig
 from lm_lightning.optim import build_optimizer, warmup_cosine
+from lm_lightning.pretrained import init_model
 
 
 class NonFiniteLossError(RunError):
@@ -87,8 +88,6 @@ class LanguageModel(L.LightningModule):
             raise ConfigError(f"model.{e}") from None
         self.source = None
         if init_from:
-            from lm_lightning.pretrained import init_model
-
             source_model, tokenizer, self.source = init_model(init_from, model_config)
             self.config = source_model.config
         self.save_hyperparameters()
