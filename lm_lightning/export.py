@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from lm_lightning.errors import UserError
-from lm_lightning.model import GPT, GPTConfig
+from lm_lightning.model import GPT, GPTConfig, skip_init
 from lm_lightning.tokenizer import begin_of_text, end_of_text, folder_tokenizer
 
 # HF's GPT-2 keeps these layers as Conv1D, whose weight is the transpose of nn.Linear's.
@@ -362,7 +362,8 @@ def load_model(folder: str | Path) -> GPT:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise ExportError(f"cannot load {folder}: not a transformers model folder ({e})") from None
-    model = GPT(config)
+    with skip_init():  # every weight is loaded next
+        model = GPT(config)
     try:
         model.load_state_dict(_our_state(config, weights))
     except (KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config

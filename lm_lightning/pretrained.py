@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_gpt
 from lm_lightning.errors import ConfigError
 from lm_lightning.export import hf_family, load_pretrained
-from lm_lightning.model import GPT, GPTConfig
+from lm_lightning.model import GPT, GPTConfig, skip_init
 from lm_lightning.tokenizer import declared_special_tokens, token_bytes
 
 
@@ -104,7 +104,8 @@ def init_model(path: str, given: Mapping[str, Any]) -> tuple[GPT, Tokenizer, Sou
     state = model.state_dict()
     if "transformer.wpe.weight" in state:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: config.block_size]
-    tuned = GPT(config)
+    with skip_init():
+        tuned = GPT(config)
     tuned.load_state_dict(state)
     return tuned.train(), tokenizer, info
 
