@@ -19,7 +19,7 @@ from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_gpt
 from lm_lightning.errors import ConfigError
 from lm_lightning.export import hf_family, load_pretrained
 from lm_lightning.model import GPT, GPTConfig, skip_init
-from lm_lightning.tokenizer import declared_special_tokens, token_bytes
+from lm_lightning.tokenizer import declared_special_tokens, load_tokenizer, token_bytes
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ def init_model(path: str, given: Mapping[str, Any]) -> tuple[GPT, Tokenizer, Sou
     """The model to fine-tune from ``path`` (in train mode), with :func:`init_config`'s rule applied to ``given``."""
     model, tokenizer, info = load_source(path)
     config = init_config(model.config, given, path)
+    if config == model.config:
+        return model.train(), tokenizer, info
     state = model.state_dict()
     if "transformer.wpe.weight" in state:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: config.block_size]
@@ -118,13 +120,9 @@ def apply_init_from(config) -> None:
     The source is loaded whole here (and again by ``LanguageModel``): a bad one is refused before the MLflow
     store, the run folder or the token cache is written.
     """
-    from lm_lightning.tokenizer import load_tokenizer
-
     path = config.model.init_from
     names = [f.name for f in fields(GPTConfig)]
-    model, _, _ = load_source(path)
-    resolved = init_config(model.config, {k: config.model[k] for k in names if k in config.model}, path)
-    del model
+    resolved = init_config(load_source(path)[0].config, {k: config.model[k] for k in names if k in config.model}, path)
     for name in names:
         config.model[name] = getattr(resolved, name)
     config.data.block_size = resolved.block_size
