@@ -92,7 +92,8 @@ def finetune_part(a: argparse.Namespace) -> list[dict]:
                   "--trainer.log_every_n_steps", "5", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
                   "--samples.prompts", "[]"]
         scratch = ["--data.tokenizer_path", str(folder), *(f"--model.{k}={v}" for k, v in shape.items())]
-        for name, extra in (("from scratch", scratch), ("fine-tune (init_from)", ["--model.init_from", str(folder)])):
+        runs = (("from scratch", scratch), ("fine-tune (init_from)", ["--model.init_from", str(folder)]))
+        for name, extra in runs[::-1] if a.reverse else runs:
             rows.append({"run": name, **shape, "block_size": a.block_size, "batch_size": a.batch_size,
                          **fit([*common, *extra], tmp, name.split()[0])})
     return rows
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--new_tokens", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reverse", action="store_true", help="fine-tune first, then from scratch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a shared machine")
     a = parser.parse_args()
     if a.threads:
