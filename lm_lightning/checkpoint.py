@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from lm_lightning.errors import UserError
 from lm_lightning.files import atomic_write
-from lm_lightning.model import GPT, GPTConfig
+from lm_lightning.model import GPT, GPTConfig, skip_init
 from lm_lightning.tokenizer import tokenizer_from_str
 
 LAST = "last.ckpt"
@@ -116,7 +116,8 @@ def load_gpt(path: str | Path, map_location: Any = "cpu") -> tuple[GPT, Tokenize
     if not checkpoint.get(TOKENIZER_KEY) or "state_dict" not in checkpoint or "vocab_size" not in hparams:
         raise CheckpointError(f"cannot load checkpoint {path}: it is not an lm-lightning training checkpoint")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model = GPT(model_config(hparams))
+    with skip_init():  # every weight is loaded next
+        model = GPT(model_config(hparams))
     model.load_state_dict(state)
     return model.eval(), tokenizer_from_str(checkpoint[TOKENIZER_KEY], source=str(path))
 

@@ -45,7 +45,8 @@ def generate(
     """Continue a prompt with a trained model and print each sample (the prompt, then its continuation).
 
     Args:
-        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, or a folder written by ``lm-lightning export``.
+        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, a folder written by ``lm-lightning export``,
+            or a transformers GPT-2, Llama or Qwen3 folder (config.json, safetensors weights, its tokenizer).
         prompt: Text to continue. Empty: start a new document (from the end-of-text token).
         prompt_file: Read the prompt from this UTF-8 file instead; ``-`` reads standard input.
         num_samples: Samples to generate, in one batch.
@@ -81,7 +82,7 @@ def _print_header(i: int, num_samples: int) -> None:
 
 
 def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
-    """Write a checkpoint as a Hugging Face transformers GPT-2 folder.
+    """Write a checkpoint as a Hugging Face transformers folder of its family (GPT-2, Llama or Qwen3).
 
     The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and
     ``AutoTokenizer.from_pretrained(out)``, offline.

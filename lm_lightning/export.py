@@ -10,7 +10,8 @@ An exported folder (``config.json``, ``model.safetensors``, ``generation_config.
 ``tokenizer.json``, ``tokenizer_config.json``) loads with ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` without network access. The JSON files are written here, so
 exporting needs no transformers install. Loading reads such a folder, or one saved by transformers'
-``save_pretrained`` (one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``).
+``save_pretrained`` (one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``; a
+``pytorch_model.bin`` only if it loads with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from lm_lightning.errors import UserError
-from lm_lightning.model import GPT, GPTConfig
-from lm_lightning.tokenizer import EOT, tokenizer_from_str
+from lm_lightning.model import GPT, GPTConfig, skip_init
+from lm_lightning.tokenizer import begin_of_text, end_of_text, folder_tokenizer
 
 # HF's GPT-2 keeps these layers as Conv1D, whose weight is the transpose of nn.Linear's.
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLED_WEIGHTS, PICKLED_WEIGHTS_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -122,7 +124,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def hf_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
+def hf_config(config: GPTConfig, eot_id: int, bos_id: int | None = None) -> dict[str, Any]:
     """``config.json`` of the model's transformers family."""
     family = hf_family(config)
     common = {
@@ -132,7 +134,7 @@ def hf_config(config: GPTConfig, eot_id: int) -> dict[str, Any]:
         "initializer_range": 0.02,
         "tie_word_embeddings": config.tie_embeddings,
         "use_cache": True,
-        "bos_token_id": eot_id,
+        "bos_token_id": eot_id if bos_id is None else bos_id,
         "eos_token_id": eot_id,
     }
     if family == "gpt2":
@@ -175,18 +177,19 @@ def export_pretrained(model: GPT, tokenizer: Tokenizer, out: str | Path, overwri
     """Write ``model`` and ``tokenizer`` to the folder ``out`` as a transformers model of its family
     (see :func:`hf_family`, which refuses, before anything is written, a model that has none)."""
     out = Path(out)
-    config = hf_config(model.config, tokenizer.token_to_id(EOT))
+    eot_id, bos_id = end_of_text(tokenizer), begin_of_text(tokenizer)
+    config = hf_config(model.config, eot_id, bos_id)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file; pass a folder to export into")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    eot_id = config["eos_token_id"]
+    eot, bos = tokenizer.id_to_token(eot_id), tokenizer.id_to_token(config["bos_token_id"])
     save_file(hf_state_dict(model), out / WEIGHTS, metadata={"format": "pt"})
     files = {
         "config.json": config,
         "generation_config.json": {
-            "bos_token_id": eot_id,
+            "bos_token_id": config["bos_token_id"],
             "eos_token_id": eot_id,
             "pad_token_id": eot_id,  # no padding token; batched generation pads with end-of-text
             "do_sample": True,
@@ -196,9 +199,9 @@ def export_pretrained(model: GPT, tokenizer: Tokenizer, out: str | Path, overwri
             # The generic fast tokenizer loads tokenizer.json as it is; GPT2Tokenizer would rebuild
             # GPT-2's own pre-tokenizer and lose ours (which splits runs of CJK characters).
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOT,
-            "eos_token": EOT,
-            "unk_token": EOT,
+            "bos_token": bos,
+            "eos_token": eot,
+            "unk_token": eot,
             "model_max_length": model.config.block_size,
             "clean_up_tokenization_spaces": False,
         },
@@ -276,15 +279,31 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     )
 
 
+def _load_pickled(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        if "weights_only" not in str(e):
+            raise OSError(f"{path.name} is not a weights file ({str(e).strip().splitlines()[0]})") from None
+        raise ExportError(
+            f"cannot load {path}: it holds objects that need pickle to load (they could run code), refused for safety; "
+            "use the model's model.safetensors, or convert the weights on a machine you trust"
+        ) from None
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors``, or of the shards ``model.safetensors.index.json`` lists."""
-    if (folder / WEIGHTS).is_file() or not (folder / WEIGHTS_INDEX).is_file():
-        return load_file(folder / WEIGHTS)
-    shards = set(json.loads((folder / WEIGHTS_INDEX).read_text(encoding="utf-8"))["weight_map"].values())
-    weights = {}
-    for shard in sorted(shards):
-        weights.update(load_file(folder / shard))
-    return weights
+    """All tensors of ``model.safetensors``, or of the shards its index lists; else of ``pytorch_model.bin``
+    (or its shards), read with ``torch.load(weights_only=True)``."""
+    for single, index, read in ((WEIGHTS, WEIGHTS_INDEX, load_file), (PICKLED_WEIGHTS, PICKLED_WEIGHTS_INDEX, _load_pickled)):
+        if (folder / single).is_file():
+            return read(folder / single)
+        if (folder / index).is_file():
+            shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+            weights = {}
+            for shard in sorted(shards):
+                weights.update(read(folder / shard))
+            return weights
+    raise OSError(f"it has no {WEIGHTS} (nor {WEIGHTS_INDEX} with its shards)")
 
 
 def _our_state(config: GPTConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -308,35 +327,63 @@ def _our_state(config: GPTConfig, weights: dict[str, torch.Tensor]) -> dict[str,
     return state
 
 
-def load_model(folder: str | Path) -> GPT:
-    """The model (in eval mode) of a transformers GPT-2, Llama or Qwen3 folder: ours from
-    :func:`export_pretrained`, or one written by transformers' ``save_pretrained``."""
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a transformers folder, with a one-line :class:`ExportError` for a folder without one."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"{folder} is not a folder; pass a transformers model folder, an lm-lightning export or a .ckpt")
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"cannot load {folder}: it has no config.json, so it is not a transformers model folder")
     try:
-        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        weights = _read_weights(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise ExportError(f"cannot load {folder}: not a transformers model folder ({e})") from None
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ExportError(f"cannot load {folder}: config.json is not valid JSON ({e})") from None
+
+
+def folder_config(folder: str | Path) -> GPTConfig:
+    """Our config for a transformers folder's ``config.json`` (its weights are not read)."""
+    hf = read_hf_config(folder)
     try:
-        config = config_from_hf(hf)
+        return config_from_hf(hf)
     except ValueError as e:
         raise ExportError(f"cannot load {folder}: {e}") from None
     except KeyError as e:
         raise ExportError(f"cannot load {folder}: config.json has no {e}") from None
-    model = GPT(config)
+
+
+def load_model(folder: str | Path) -> GPT:
+    """The model (in eval mode) of a transformers GPT-2, Llama or Qwen3 folder: ours from
+    :func:`export_pretrained`, or one written by transformers' ``save_pretrained``."""
+    folder = Path(folder)
+    config = folder_config(folder)
+    try:
+        weights = _read_weights(folder)
+    except ExportError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"cannot load {folder}: not a transformers model folder ({e})") from None
+    with skip_init():  # every weight is loaded next
+        model = GPT(config)
     try:
         model.load_state_dict(_our_state(config, weights))
     except (KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
-        first = str(e).strip().splitlines()[0]
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        first = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
         raise ExportError(f"cannot load {folder}: its weights do not fit its config.json ({first})") from None
     return model.eval()
 
 
 def load_pretrained(folder: str | Path) -> tuple[GPT, Tokenizer]:
-    """The model (in eval mode, see :func:`load_model`) and ``tokenizer.json`` of a transformers folder."""
+    """The model (in eval mode, see :func:`load_model`) and tokenizer (``tokenizer.json``, or GPT-2's
+    ``vocab.json`` and ``merges.txt``) of a transformers folder; a tokenizer with more tokens than the
+    model's embedding has rows is refused."""
     folder = Path(folder)
-    try:
-        tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
-    except OSError as e:
-        raise ExportError(f"cannot load {folder}: it has no tokenizer.json ({e})") from None
-    return load_model(folder), tokenizer_from_str(tokenizer_json, source=str(folder / "tokenizer.json"))
+    folder_config(folder)  # a folder that is not a model is named as such before its tokenizer is looked for
+    tokenizer = folder_tokenizer(folder)
+    model = load_model(folder)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ExportError(
+            f"cannot load {folder}: its tokenizer has {tokenizer.get_vocab_size()} tokens but the model's embedding "
+            f"has {model.config.vocab_size} rows (vocab_size); the tokenizer is not this model's"
+        )
+    return model, tokenizer

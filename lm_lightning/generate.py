@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import load_gpt
 from lm_lightning.errors import UserError
-from lm_lightning.export import load_pretrained
 from lm_lightning.model import GPT, KVCache
-from lm_lightning.tokenizer import EOT, token_bytes
+from lm_lightning.pretrained import load_source
+from lm_lightning.tokenizer import end_of_text, token_bytes
 
 
 class SamplingError(UserError):
@@ -173,19 +172,21 @@ class TextStream:
 class TextGenerator:
     """A model and its tokenizer, ready to continue text."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
-        """``model`` should be in eval mode (``load`` returns one that is)."""
+    def __init__(self, model: GPT, tokenizer: Tokenizer, stop_tokens: Sequence[int] = ()):
+        """``model`` should be in eval mode (``load`` returns one that is). A sample ends at the tokenizer's
+        end-of-text token and at any of ``stop_tokens`` (a transformers folder's end-of-sequence tokens)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.eot_id = tokenizer.token_to_id(EOT)
+        self.eot_id = end_of_text(tokenizer)
+        self.stop_tokens = {self.eot_id, *stop_tokens}
         self.table = token_bytes(tokenizer)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TextGenerator:
-        """From a training checkpoint (``.ckpt``) or a folder written by ``lm-lightning export``."""
-        path = Path(path)
-        model, tokenizer = load_pretrained(path) if path.is_dir() else load_gpt(path)
-        return cls(model.to(device), tokenizer)
+        """From a training checkpoint (``.ckpt``), a folder written by ``lm-lightning export``, or a transformers
+        GPT-2, Llama or Qwen3 folder (see :func:`lm_lightning.pretrained.load_source`)."""
+        model, tokenizer, info = load_source(path)
+        return cls(model.to(device), tokenizer, info.stop_tokens)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Token ids of ``prompt``: end-of-text alone for an empty prompt (a new document), the
@@ -217,7 +218,7 @@ class TextGenerator:
         for tokens in generate_tokens(self.model, ids, sampling.max_new_tokens, num_samples, pick):
             pieces = []
             for s, token in zip(streams, tokens.tolist()):
-                pieces.append(s.close() if token == self.eot_id else s.push(token))
+                pieces.append(s.close() if token in self.stop_tokens else s.push(token))
             yield pieces
             if all(s.done for s in streams):
                 return

@@ -12,6 +12,8 @@ before the other choices existed loads with the same parameter names and gives t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,6 +123,22 @@ class GPTConfig:
         if self.mlp == "swiglu":
             return 64 * math.ceil(8 * self.n_embd / 3 / 64)
         return 4 * self.n_embd
+
+
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Build models without initialising their weights (``torch.nn.init`` does nothing inside), for weights that
+    are about to be loaded: random initialisation of a 124M model takes longer than reading its file. Not
+    thread-safe (transformers' ``no_init_weights`` does the same)."""
+    names = ("normal_", "uniform_", "zeros_", "ones_", "kaiming_uniform_", "trunc_normal_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 class KVCache:

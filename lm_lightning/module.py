@@ -24,6 +24,7 @@ from lm_lightning.errors import ConfigError, RunError
 from lm_lightning.files import cache_root
 from lm_lightning.model import GPT, GPTConfig
 from lm_lightning.optim import build_optimizer, warmup_cosine
+from lm_lightning.pretrained import init_model
 
 
 class NonFiniteLossError(RunError):
@@ -44,6 +45,7 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
         activation_checkpointing: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        init_from: str | None = None,
         **model_config,
     ):
         """A GPT trained by next-token prediction.
@@ -65,6 +67,10 @@ class LanguageModel(L.LightningModule):
             nonfinite_loss: What a NaN or infinite training loss does: ``stop`` training with an error naming the
                 step, before the weights are touched (the checkpoints already written stay good); or ``skip`` the
                 batch: no update, but the step counts (the schedule moves on), and ``train/skipped_batches`` counts it.
+            init_from: Start from this model's weights (a new run: fresh optimizer, step 0): a transformers folder
+                (GPT-2, Llama, Qwen3; ``config.json`` and safetensors), a folder from ``lm-lightning export``, or a
+                ``.ckpt`` of ours. Its shape and tokenizer are used: leave model.* shape fields unset (a value that
+                contradicts it is an error; a smaller block_size is allowed) and data.tokenizer_path unset or the same.
             model_config: The model's fields (``block_size``, ``n_layer``, ...), declared in ``GPTConfig``.
         """
         super().__init__()
@@ -80,6 +86,10 @@ class LanguageModel(L.LightningModule):
             self.config = GPTConfig(**model_config)
         except ValueError as e:
             raise ConfigError(f"model.{e}") from None
+        self.source = None
+        if init_from:
+            source_model, tokenizer, self.source = init_model(init_from, model_config)
+            self.config = source_model.config
         self.save_hyperparameters()
         self.hparams.update(dataclasses.asdict(self.config))  # every model field, defaults included
         self.model: GPT | None = None
@@ -93,7 +103,10 @@ class LanguageModel(L.LightningModule):
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
         self.tokenizer_json: str | None = None
         self.skipped_batches = 0
-        if self.config.vocab_size is not None:
+        if init_from:
+            self.model, self.tokenizer_json = source_model, tokenizer.to_str()
+            self.model.activation_checkpointing = activation_checkpointing
+        elif self.config.vocab_size is not None:
             self._build()
 
     def _build(self) -> None:

@@ -2,6 +2,13 @@
 
 Byte-level means every UTF-8 string round-trips exactly (Chinese, emoji, tabs, CRLF): the base
 alphabet is the 256 byte values, and BPE merges frequent byte sequences into tokens.
+
+A pretrained model's tokenizer (a transformers folder's ``tokenizer.json``, or GPT-2's ``vocab.json`` +
+``merges.txt``) is used as it is, if byte-level (GPT-2, Qwen, Llama 3). Its conventions come from the
+tokenizer itself, so a checkpoint that holds only ``tokenizer.json`` keeps them: the end-of-text token
+(documents are separated by it, generation stops at it) is the first of :data:`END_OF_TEXT` it has; a
+beginning-of-text token starts each document when its post-processor adds one (what transformers'
+``add_bos_token`` writes there, as Llama's tokenizers do).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from lm_lightning.files import atomic_write_text
 
 EOT = "<|endoftext|>"
 """Separates documents in the token stream; generation stops on it."""
+
+END_OF_TEXT = (EOT, "</s>", "<|end_of_text|>", "<eos>")
+"""End-of-text tokens of the families we load (ours, GPT-2 and Qwen; Llama 2; Llama 3; Gemma), in order of preference."""
 
 SPECIAL_TOKENS = [EOT]
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -78,10 +88,89 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A ``tokenizer.json``, the tokenizer of a transformers folder (see :func:`folder_tokenizer`), or the one
+    saved in a training checkpoint (``.ckpt``)."""
     path = Path(path)
+    if path.is_dir():
+        return folder_tokenizer(path)
     if not path.is_file():
         raise TokenizerError(f"tokenizer file {path} does not exist; fix data.tokenizer_path or unset it to train one")
+    if path.suffix == ".ckpt":
+        from lm_lightning.checkpoint import TOKENIZER_KEY, load_checkpoint  # checkpoint imports this module
+
+        text = load_checkpoint(path, mmap=True).get(TOKENIZER_KEY)
+        if not text:
+            raise TokenizerError(f"checkpoint {path} holds no tokenizer; it is not an lm-lightning training checkpoint")
+        return tokenizer_from_str(text, source=str(path))
     return tokenizer_from_str(path.read_text(encoding="utf-8", errors="replace"), source=str(path))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e})") from None
+
+
+def declared_special_tokens(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """The ``bos``, ``eos`` and ``unk`` tokens a transformers folder declares (``tokenizer_config.json``'s
+    ``*_token``, else the ids of ``generation_config.json`` and ``config.json``, named through ``vocab.json``
+    or ``tokenizer.json``), each as a list (generation may stop at several)."""
+    folder = Path(folder)
+    configs = [_read_json(folder / name) for name in ("tokenizer_config.json", "generation_config.json", "config.json")]
+    tokenizer_json = _read_json(folder / "tokenizer.json")
+    vocab = _read_json(folder / "vocab.json") or tokenizer_json.get("model", {}).get("vocab", {})
+    added = tokenizer_json.get("added_tokens", [])
+    names = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {}
+    names.update({a["id"]: a["content"] for a in added})
+    declared: dict[str, list[str]] = {}
+    for kind in ("bos", "eos", "unk"):
+        token = configs[0].get(f"{kind}_token")
+        if isinstance(token, dict):  # an AddedToken written out
+            token = token.get("content")
+        ids = next((c[f"{kind}_token_id"] for c in configs[1:] if c.get(f"{kind}_token_id") is not None), None)
+        ids = ids if isinstance(ids, list) else [] if ids is None else [ids]
+        tokens = ([token] if token else []) + [names[i] for i in ids if i in names]
+        declared[kind] = list(dict.fromkeys(tokens))
+    return declared
+
+
+def folder_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a transformers folder: its ``tokenizer.json``, else GPT-2's ``vocab.json`` and
+    ``merges.txt`` (a byte-level BPE, its declared special tokens registered as special)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder / "tokenizer.json")
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise TokenizerError(
+            f"{folder} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt (GPT-2); "
+            "copy them from the model's original folder"
+        )
+    try:
+        tokenizer = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    except Exception as e:  # the tokenizers library's own Exception
+        raise TokenizerError(f"cannot read {folder}/vocab.json and merges.txt ({str(e).splitlines()[0]})") from None
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [t for tokens in declared_special_tokens(folder).values() for t in tokens]
+    tokenizer.add_special_tokens([t for t in dict.fromkeys(specials) if tokenizer.token_to_id(t) is not None] or [EOT])
+    return tokenizer_from_str(tokenizer.to_str(), source=f"{folder}/vocab.json")
+
+
+def end_of_text(tokenizer: Tokenizer) -> int:
+    """Id of the tokenizer's end-of-text token: the first of :data:`END_OF_TEXT` it has."""
+    for token in END_OF_TEXT:
+        if (i := tokenizer.token_to_id(token)) is not None:
+            return i
+    raise TokenizerError(f"the tokenizer has no end-of-text token (one of {', '.join(END_OF_TEXT)})")
+
+
+def begin_of_text(tokenizer: Tokenizer) -> int | None:
+    """Id of the token the tokenizer's post-processor puts before a text (Llama's ``<s>``), or ``None``."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a").ids
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+    return full[start - 1] if start else None
 
 
 def tokenizer_from_str(text: str, source: str = "checkpoint") -> Tokenizer:
@@ -90,8 +179,11 @@ def tokenizer_from_str(text: str, source: str = "checkpoint") -> Tokenizer:
         tokenizer = Tokenizer.from_str(text)
     except Exception as e:  # json.JSONDecodeError or the tokenizers library's own Exception
         raise TokenizerError(f"tokenizer in {source} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    if tokenizer.token_to_id(EOT) is None:
-        raise TokenizerError(f"tokenizer in {source} has no {EOT} token; train one with lm-lightning (unset data.tokenizer_path)")
+    if not any(tokenizer.token_to_id(t) is not None for t in END_OF_TEXT):
+        raise TokenizerError(
+            f"tokenizer in {source} has no end-of-text token (one of {', '.join(END_OF_TEXT)}); "
+            "train one with lm-lightning (unset data.tokenizer_path)"
+        )
     return tokenizer
 
 
@@ -114,11 +206,22 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
-    """The UTF-8 bytes each token id stands for; special tokens stand for no bytes of text."""
+    """The UTF-8 bytes each token id stands for; special tokens stand for no bytes of text, other added
+    tokens for their text. A tokenizer that is not byte-level (sentencepiece-style, ``▁`` and ``<0xNN>``
+    tokens) raises :class:`TokenizerError`."""
     decoder = _byte_decoder()
-    special = set(SPECIAL_TOKENS)
+    added = tokenizer.get_added_tokens_decoder()
     table = []
     for i in range(tokenizer.get_vocab_size()):
+        if i in added:
+            table.append(b"" if added[i].special else added[i].content.encode("utf-8"))
+            continue
         token = tokenizer.id_to_token(i)
-        table.append(b"" if token in special else bytes(decoder[c] for c in token))
+        try:
+            table.append(bytes(decoder[c] for c in token or ""))
+        except KeyError:
+            raise TokenizerError(
+                f"the tokenizer is not byte-level (token {i} is {token!r}): only byte-level BPE tokenizers are "
+                "supported (GPT-2, Qwen, Llama 3; not sentencepiece-style ones such as Llama 2's)"
+            ) from None
     return table

@@ -10,6 +10,7 @@ from lm_lightning.callbacks import GracefulCtrlC, LastCheckpoint, ResumeState, T
 from lm_lightning.data import TextDataModule
 from lm_lightning.hardware import auto_precision
 from lm_lightning.module import LanguageModel
+from lm_lightning.pretrained import apply_init_from
 from lm_lightning.tracking.logger import MLflowLogger
 from lm_lightning.tracking.records import MLflowConfig, MLflowRunInfo
 from lm_lightning.tracking.runs import resolve_ckpt_path
@@ -18,6 +19,8 @@ from lm_lightning.tracking.runs import resolve_ckpt_path
 class LMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.model.get("init_from"):
+            apply_init_from(config)  # the model's shape and tokenizer come from the source
         if config.trainer.precision in (None, "auto"):
             config.trainer.precision = auto_precision(config.trainer.accelerator)
         # Lightning picks RichProgressBar whenever `rich` happens to be installed, which shows

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lm_lightning.data.corpus import READ_BLOCK, BUILTIN_CORPUS, DataError, Source, iter_documents, iter_sample, resolve_sources
 from lm_lightning.files import WriteError, atomic_write_text, file_lock, remove_stale_temporaries, temporary_path
-from lm_lightning.tokenizer import EOT, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
+from lm_lightning.tokenizer import begin_of_text, end_of_text, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
 
 CACHE_FORMAT = 2
 SPLITS = ("train", "val")
@@ -119,10 +119,11 @@ def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
 def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path, shard_tokens: int) -> dict:
     """Tokenize every source into the shard files of ``folder``; return the meta that describes them.
 
-    Each source's documents are joined with end-of-text tokens, and its last ``val_fraction`` of
-    tokens goes to validation, so the split is deterministic and never overlaps training.
+    Each source's documents are joined with end-of-text tokens (and each starts with the tokenizer's
+    beginning-of-text token, if it adds one), and its last ``val_fraction`` of tokens goes to validation,
+    so the split is deterministic and never overlaps training.
     """
-    eot = tokenizer.token_to_id(EOT)
+    eot, bos = end_of_text(tokenizer), begin_of_text(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     remove_stale_temporaries(folder / "source")
     scratch_path = temporary_path(folder / "source")
@@ -137,6 +138,9 @@ def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path,
             n = 0
             with open(scratch_path, "wb") as scratch:
                 for doc in iter_documents(source, jsonl_field):
+                    if bos is not None:
+                        np.asarray([bos], dtype=dtype).tofile(scratch)
+                        n += 1
                     for batch in iter_batches(doc, _ENCODE_BATCH):
                         for text in batch:
                             data = text.encode("utf-8")

@@ -39,7 +39,9 @@ class TextDataModule(L.LightningDataModule):
         Args:
             path: A UTF-8 text file, a folder (searched recursively for .txt, .md and .jsonl files) or a
                 glob. Unset: the built-in corpus, Python's reference documentation from ``pydoc_data``.
-            tokenizer_path: A ``tokenizer.json`` to use. Unset: train a byte-level BPE on the corpus.
+            tokenizer_path: A ``tokenizer.json`` to use, a transformers model folder (its tokenizer), or a ``.ckpt``
+                of ours (the tokenizer it holds); set to ``model.init_from`` when that is set. Unset: train a
+                byte-level BPE on the corpus.
             vocab_size: Size of the tokenizer to train (ignored with ``tokenizer_path``); 257 is bytes only.
             block_size: Tokens of context per training window (linked to ``model.block_size``).
             batch_size: Windows per training batch.

@@ -82,6 +82,8 @@ class MLflowRunInfo(L.Callback):
             return
         datamodule = trainer.datamodule
         tags = {"n_params": str(pl_module.model.num_params()), "vocab_size": str(pl_module.model.config.vocab_size)}
+        if pl_module.source is not None:  # fine-tuning from model.init_from
+            tags.update(pl_module.source.tags())
         if commit := git_commit(Path.cwd()):
             tags["git_commit"] = commit
         if datamodule is not None and datamodule.meta:

@@ -1,0 +1,132 @@
+"""A model to start from: a transformers folder (GPT-2, Llama, Qwen3), a folder written by ``lm-lightning
+export``, or a training checkpoint (``.ckpt``) of ours. ``fit --model.init_from``, ``generate`` and
+``evaluate`` load one with :func:`load_source`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_gpt
+from lm_lightning.errors import ConfigError
+from lm_lightning.export import hf_family, load_pretrained
+from lm_lightning.model import GPT, GPTConfig, skip_init
+from lm_lightning.tokenizer import declared_special_tokens, load_tokenizer, token_bytes
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where a model came from, as MLflow tags record it."""
+
+    path: str
+    """The path given, resolved."""
+    kind: str
+    """``transformers`` (a folder) or ``checkpoint`` (a ``.ckpt`` of ours)."""
+    family: str
+    """``gpt2``, ``llama``, ``qwen3``, or ``custom`` for a checkpoint no transformers class matches."""
+    config_hash: str
+    """First 16 hex digits of the SHA-256 of the model config (every field, as JSON)."""
+    stop_tokens: tuple[int, ...] = ()
+    """End-of-sequence token ids the folder declares (generation stops at them as well as at end-of-text)."""
+
+    def tags(self) -> dict[str, str]:
+        return {"init_from": self.path, "init_from.kind": self.kind, "init_from.family": self.family,
+                "init_from.config_hash": self.config_hash}
+
+
+def _family(config: GPTConfig) -> str:
+    try:
+        return hf_family(config)
+    except ValueError:
+        return "custom"
+
+
+def config_hash(config: GPTConfig) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
+    """The model (in eval mode), tokenizer and :class:`SourceInfo` of a transformers folder or a ``.ckpt`` of ours.
+
+    Everything is checked before it is returned (config, weights against config, tokenizer against the
+    embedding, a byte-level tokenizer); a problem is one line (a ``UserError``).
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".ckpt":
+        model, tokenizer = load_pretrained(path)
+        stop = [tokenizer.token_to_id(t) for t in declared_special_tokens(path)["eos"]]
+        kind = "transformers"
+    else:
+        model, tokenizer = load_gpt(path)
+        stop, kind = [], "checkpoint"
+    token_bytes(tokenizer)  # refuses a tokenizer that is not byte-level now, not after tokenizing a corpus with it
+    info = SourceInfo(str(path.resolve()), kind, _family(model.config), config_hash(model.config),
+                      tuple(i for i in stop if i is not None))
+    return model, tokenizer, info
+
+
+def init_config(source: GPTConfig, given: Mapping[str, Any], path: str) -> GPTConfig:
+    """The config to fine-tune ``source`` with, given the model fields a user passed (``given``).
+
+    The rule: a field left at its ``GPTConfig`` default takes the source's value; a field set to anything
+    else must equal the source's, or it is a :class:`ConfigError` naming both values. Two exceptions:
+    ``dropout`` is the user's (a training setting), and ``block_size`` may be smaller than the source's (the
+    model then reads shorter windows; a learned position table is cut to its first ``block_size`` rows).
+    """
+    defaults = GPTConfig()
+    updates: dict[str, Any] = {"dropout": given.get("dropout", defaults.dropout)}
+    differ = []
+    for f in fields(GPTConfig):
+        value = given.get(f.name, getattr(defaults, f.name))
+        if f.name in TRAINING_ONLY_FIELDS or value == getattr(defaults, f.name) or value == getattr(source, f.name):
+            continue
+        if f.name == "block_size" and value < source.block_size:
+            updates["block_size"] = value
+        else:
+            differ.append(f"model.{f.name}={value} but {path} has {f.name}={getattr(source, f.name)}")
+    if differ:
+        raise ConfigError(f"{'; '.join(differ)}: leave the model's shape unset with model.init_from (it comes from the source)")
+    return dataclasses.replace(source, **updates)
+
+
+def init_model(path: str, given: Mapping[str, Any]) -> tuple[GPT, Tokenizer, SourceInfo]:
+    """The model to fine-tune from ``path`` (in train mode), with :func:`init_config`'s rule applied to ``given``."""
+    model, tokenizer, info = load_source(path)
+    config = init_config(model.config, given, path)
+    if config == model.config:
+        return model.train(), tokenizer, info
+    state = model.state_dict()
+    if "transformer.wpe.weight" in state:
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: config.block_size]
+    with skip_init():
+        tuned = GPT(config)
+    tuned.load_state_dict(state)
+    return tuned.train(), tokenizer, info
+
+
+def apply_init_from(config) -> None:
+    """Fill a ``fit`` config (a jsonargparse namespace) from ``model.init_from``, before anything is built: the
+    model fields become the source's (see :func:`init_config`), so the logged config is the model trained;
+    ``data.block_size`` follows; ``data.tokenizer_path`` is the source (its tokenizer), or must hold the same.
+
+    The source is loaded whole here (and again by ``LanguageModel``): a bad one is refused before the MLflow
+    store, the run folder or the token cache is written.
+    """
+    path = config.model.init_from
+    names = [f.name for f in fields(GPTConfig)]
+    resolved = init_config(load_source(path)[0].config, {k: config.model[k] for k in names if k in config.model}, path)
+    for name in names:
+        config.model[name] = getattr(resolved, name)
+    config.data.block_size = resolved.block_size
+    given = config.data.tokenizer_path
+    if given and load_tokenizer(given).to_str() != load_tokenizer(path).to_str():
+        raise ConfigError(f"data.tokenizer_path={given} is not the tokenizer of model.init_from={path}; unset data.tokenizer_path")
+    config.data.tokenizer_path = str(path)
