@@ -66,6 +66,32 @@ class TokensPerSecond(L.Callback):
             self._reset()
 
 
+class BestScores(L.Callback):
+    """Logs ``best/val_loss`` and ``best/val_bpb`` at each validation of ``fit`` that reaches a new best ``val/loss``
+    (the score ``best.ckpt`` is chosen by), at its step: the runs table can sort by them, and the run page shows
+    the best scores, not the last ones."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/loss" not in metrics:
+            return
+        loss = float(metrics["val/loss"])
+        if self.best and loss >= self.best["val_loss"]:
+            return
+        self.best = {"val_loss": loss, "val_bpb": float(metrics["val/bpb"]), "step": trainer.global_step}
+        for logger in trainer.loggers:
+            logger.log_metrics({"best/val_loss": loss, "best/val_bpb": self.best["val_bpb"]}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.best)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best = dict(state)
+
+
 class GracefulCtrlC(L.Callback):
     """The first Ctrl-C stops training as SIGTERM does: at the end of the current step, after which ``last.ckpt``
     is saved and the MLflow run marked KILLED. A second Ctrl-C interrupts at once, saving nothing.

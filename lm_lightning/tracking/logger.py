@@ -78,14 +78,14 @@ class MLflowLogger(MLFlowLogger):
                 what a plain ``mlflow ui`` there shows. Lightning's own default, a ``./mlruns`` file store,
                 raises on MLflow 3.
             tags: Extra tags for the run.
-            log_model: Log the best and last checkpoints as artifacts when training ends.
+            log_model: Log the best checkpoint as a servable MLflow model (``model``) when training ends. The
+                checkpoints themselves stay in the run's folder, named by the run's ``best_checkpoint`` tag.
             run_id: Continue this existing run instead of starting a new one. ``--ckpt_path`` sets it to the
                 checkpoint's run.
         """
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name = experiment_name
         self.resumed = run_id is not None
-        self._checkpoint_callbacks: dict[str, ModelCheckpoint] = {}
         with store_init_lock(self.tracking_uri):
             super().__init__(
                 experiment_name=experiment_name,
@@ -140,17 +140,14 @@ class MLflowLogger(MLFlowLogger):
             self.experiment.log_batch(run_id=self.run_id, params=new[start : start + 100])
 
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        # Lightning's MLFlowLogger remembers only the callback that saved most recently, so of a best and a
-        # last checkpoint callback only one would be uploaded at the end.
-        if self._log_model is True and checkpoint_callback.save_top_k != -1:
-            self._checkpoint_callbacks[checkpoint_callback.state_key] = checkpoint_callback
-        else:
-            super().after_save_checkpoint(checkpoint_callback)
+        # Checkpoints are stored once, in the run's folder (where --ckpt_path last finds them); the run refers to
+        # them by its best_checkpoint and checkpoint_dir tags. Uploading them too doubled the disk they take.
+        pass
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (checkpoints are not uploaded: the
-        run is meant to be resumed); FAILED on any other error, with the error as the ``error`` tag and its
+        """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (the run is meant to be
+        resumed); FAILED on any other error, with the error as the ``error`` tag and its
         traceback as ``error.txt``.
 
         Lightning reports every exception, SIGTERM and Ctrl-C included, as ``finalize("failed")`` from inside
@@ -167,6 +164,4 @@ class MLflowLogger(MLFlowLogger):
             message = " ".join(str(error).split()) or type(error).__name__
             self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {message}"[:5000])
             self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
-        for callback in self._checkpoint_callbacks.values():
-            self._scan_and_log_checkpoints(callback)
         super().finalize(status)
