@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -90,6 +90,21 @@ class BestScores(L.Callback):
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.best = dict(state)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without its noise: no ``v_num`` (the MLflow run id's last characters), and for a
+    step-based run (``trainer.max_steps``, where the one "epoch" is the whole run) "train" instead of "Epoch 0"."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps > 0:
+            self.train_progress_bar.set_description("train")
 
 
 class GracefulCtrlC(L.Callback):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -80,7 +81,7 @@ def did_you_mean(message: str, options: list[str]) -> str:
     for flag in dict.fromkeys(re.findall(r"--[\w.-]+", message)):
         if flag not in known and (close := difflib.get_close_matches(flag, options, n=1, cutoff=0.75)):
             hints.append(f"did you mean {close[0]}?")
-    return " ".join([message, *hints])
+    return "; ".join([message, *hints])
 
 
 @contextmanager
@@ -107,7 +108,15 @@ def _without_unused_torchmetrics_backends() -> Iterator[None]:
         imports._version, imports.module_available, imports.package_available = saved
 
 
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")  # Lightning's advert for its logging service
+
+
 def _run_trainer_cli(args: list[str] | None) -> None:
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    # MLflow shows a progress bar for every artifact it reads (log_table reads the table it appends to).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if "torchmetrics" not in sys.modules:
         with _without_unused_torchmetrics_backends():
             import torchmetrics  # noqa: F401

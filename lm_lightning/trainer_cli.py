@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from jsonargparse import ArgumentError, lazy_instance
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lm_lightning.callbacks import BestScores, GracefulCtrlC, LastCheckpoint, ResumeState, TextSamples, TokensPerSecond
+from lm_lightning.callbacks import (
+    BestScores,
+    GracefulCtrlC,
+    LastCheckpoint,
+    ResumeState,
+    StepProgressBar,
+    TextSamples,
+    TokensPerSecond,
+)
 from lm_lightning.cli import did_you_mean, option_strings
 from lm_lightning.data import TextDataModule
 from lm_lightning.data.corpus import DataError
@@ -42,7 +50,7 @@ class LMCLI(LightningCLI):
         if config.trainer.enable_progress_bar is not False and not any(
             "ProgressBar" in str(getattr(c, "class_path", c)) for c in config.trainer.callbacks or []
         ):
-            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], TQDMProgressBar()]
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], StepProgressBar()]
 
     def _parse_ckpt_path(self) -> None:
         # A private hook of LightningCLI (pinned by tests/test_lightning_internals.py). Its own version replaces

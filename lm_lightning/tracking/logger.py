@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,44 +14,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_lightning.errors import UserError
-from lm_lightning.files import file_lock
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri, store_init_lock  # noqa: F401 (re-exported)
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
     """The trainer's MLflow logger, if it has one."""
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-
-
-def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``sqlite:///mlflow.db``."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-@contextmanager
-def store_init_lock(tracking_uri: str) -> Iterator[None]:
-    """Holds ``<database>.lock`` while an sqlite tracking store is opened.
-
-    MLflow creates a new database's tables when it first connects (``SqlAlchemyStore.__init__``), with nothing
-    to keep two processes apart: two runs started at once in a fresh folder both fail ("table ... already
-    exists"). A separate lock file, because closing any descriptor of the database itself would drop
-    SQLite's own POSIX locks on it.
-    """
-    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
-        yield
-        return
-    database = Path(tracking_uri[len("sqlite:///") :])
-    with file_lock(database.with_name(database.name + ".lock")):
-        yield
-
-
-def mlflow_client(tracking_uri: str):
-    """An ``MlflowClient`` for ``tracking_uri``, opened under ``store_init_lock``."""
-    from mlflow.tracking import MlflowClient
-
-    with store_init_lock(tracking_uri):
-        return MlflowClient(tracking_uri)
 
 
 class MLflowLogger(MLFlowLogger):

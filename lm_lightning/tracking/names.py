@@ -9,6 +9,11 @@ from pathlib import Path
 from jsonargparse import Namespace
 
 
+def stamp() -> str:
+    """The moment and a random suffix (from the OS, not Python's seeded ``random``): ``1130-051203-a3f1``."""
+    return f"{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
 def _config_stem(config: Namespace) -> str:
     files = config.get("config") or []
     return Path(str(files[-1])).stem if files else "run"
@@ -26,7 +31,7 @@ def run_name(config: Namespace, subcommand: str) -> str:
     shape = f"{model.n_layer}x{model.n_embd}"
     lr = f"lr{model.learning_rate:.0e}".replace("e-0", "e-").replace("e+0", "e")
     parts = [_config_stem(config), shape] + ([lr] if subcommand == "fit" else [])
-    parts += [time.strftime("%m%d-%H%M%S"), secrets.token_hex(2)]
+    parts.append(stamp())
     name = "-".join(parts)
     return name if subcommand == "fit" else f"{subcommand}-{name}"
 
