@@ -116,7 +116,7 @@ def log_evaluation(scores: Scores, ckpt_path: str, data_path: str, source_run_id
     from mlflow.exceptions import MlflowException
 
     from lm_lightning.tracking.names import stamp
-    from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri
+    from lm_lightning.tracking.store import mark_model_training, mlflow_client, resolve_tracking_uri
 
     client = mlflow_client(resolve_tracking_uri(tracking_uri))
     experiment_id = None
@@ -129,6 +129,7 @@ def log_evaluation(scores: Scores, ckpt_path: str, data_path: str, source_run_id
         name = experiment_name or "lm_lightning"
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        mark_model_training(client, experiment_id)
     tags = {
         "command": "evaluate",
         "checkpoint": str(Path(ckpt_path).resolve()),

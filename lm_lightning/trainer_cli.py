@@ -110,6 +110,8 @@ class LMCLI(LightningCLI):
                 "trainer.gradient_clip_val": 1.0,
                 "trainer.use_distributed_sampler": False,  # the data module shards by rank itself
                 "trainer.enable_autolog_hparams": False,  # MLflowConfig logs the whole resolved config instead
+                # Its table's FLOPs column is all zeros (no example input); MLflowRunInfo prints the parameter count.
+                "trainer.enable_model_summary": False,
             }
         )
 

@@ -160,7 +160,7 @@ def tokenize_corpus(
                 if n_test:
                     writers[TEST].copy_from(scratch, n_test)
                 writers["val"].copy_from(scratch, n_val)
-            if n_val:  # the training part stops mid-document: close it, so the next source starts clean
+            if n_val or n_test:  # the training part stops mid-document: close it, so the next source starts clean
                 writers["train"].write(np.asarray([eot], dtype=dtype))
         for writer in writers.values():
             writer.close()
@@ -350,8 +350,9 @@ class TokenCache:
             tokenizer = self._tokenizer(sources)
             expected = self._expected_meta(sources, tokenizer)
             meta = _read_json(self.folder / "meta.json")
-            stale = meta is None or {k: meta.get(k) for k in expected} != expected or meta.get("test_fraction", 0.0) != self.test_fraction
-            if stale or not self._files_whole(meta):
+            stale = meta is None or {k: meta.get(k) for k in expected} != expected
+            # A cache built with a test split, asked for none: expected_meta has no test_fraction key to compare.
+            if stale or meta.get("test_fraction", 0.0) != self.test_fraction or not self._files_whole(meta):
                 built = tokenize_corpus(
                     sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder, self.shard_tokens, self.test_fraction
                 )

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lm_lightning.tracking.logger import mlflow_logger
+from lm_lightning.tracking.store import mark_model_training
 
 # The keys a person compares runs by; the whole resolved config is the run's config.yaml artifact.
 PARAM_KEYS = (
@@ -90,11 +91,14 @@ class MLflowRunInfo(L.Callback):
             tags["data.path"] = str(datamodule.path or "builtin:pydoc_data")
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
+        mark_model_training(logger.experiment, logger.experiment_id)
         if pl_module.tokenizer_json:
             logger.experiment.log_text(logger.run_id, pl_module.tokenizer_json, "tokenizer/tokenizer.json")
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
+        config = pl_module.model.config
+        print(f"model: {pl_module.model.num_params():,} parameters ({config.n_layer} layers x {config.n_embd})")
         self._log_run_info(trainer, pl_module)
 
     @rank_zero_only
@@ -158,8 +162,9 @@ SAMPLES_TABLE = "samples.json"
 
 def log_samples(logger: MLFlowLogger, step: int, prompts: list[str], texts: list[str]) -> None:
     """Log the continuations ``texts`` of ``prompts`` at ``step`` as ``samples/step_000200.txt``, and as rows
-    (step, prompt, sample) of the table ``samples.json``, which the MLflow UI's evaluation view lines up across runs."""
+    (step, sample, prompt) of the table ``samples.json``, which the MLflow UI's evaluation view lines up across runs."""
     body = "".join(f"### prompt {prompt!r}\n{prompt}{text}\n\n" for prompt, text in zip(prompts, texts))
     logger.experiment.log_text(logger.run_id, body, f"samples/step_{step:06d}.txt")
-    rows = {"step": [step] * len(prompts), "prompt": list(prompts), "sample": [p + t for p, t in zip(prompts, texts)]}
+    # The UI's artifact view compares the first column after the one it groups by (step): the samples.
+    rows = {"step": [step] * len(prompts), "sample": [p + t for p, t in zip(prompts, texts)], "prompt": list(prompts)}
     logger.experiment.log_table(logger.run_id, data=rows, artifact_file=SAMPLES_TABLE)

@@ -41,3 +41,13 @@ def mlflow_client(tracking_uri: str):
 
     with store_init_lock(tracking_uri):
         return MlflowClient(tracking_uri)
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def mark_model_training(client, experiment_id: str) -> None:
+    """Have the MLflow UI open the experiment in its model-training view (runs table, charts), not the GenAI
+    view (traces) it would guess for a new experiment; unless the experiment's kind was chosen already."""
+    if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
