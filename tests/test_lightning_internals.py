@@ -36,6 +36,8 @@ def test_fit_loop_batch_progress_counter():
     # data.datamodule: the resumable loader's position is the fit loop's count of processed batches.
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     assert trainer.fit_loop.epoch_loop.batch_progress.current.processed == 0
+    # callbacks.BestScores logs best/* at the step val/* is logged at: the epoch loop's logging counter.
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 0
 
 
 def test_exceptions_reach_loggers_as_finalize_failed():
