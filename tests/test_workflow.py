@@ -103,6 +103,7 @@ def test_a_user_error_after_the_run_started_leaves_no_failed_run(two_runs, capsy
 
 def test_evaluate_equals_a_plain_loop_over_the_same_windows(two_runs):
     from lm_lightning.checkpoint import load_gpt
+    from lm_lightning.evaluate import read_tokens
     from lm_lightning.tokenizer import EOT
 
     root, uri, client, runs = two_runs
@@ -114,9 +115,10 @@ def test_evaluate_equals_a_plain_loop_over_the_same_windows(two_runs):
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
 
+    # The text's tokens as training reads them (line by line); scoring them is what is checked here.
     model, tokenizer = load_gpt(best)
-    eot = tokenizer.token_to_id(EOT)
-    ids = torch.tensor([eot, *tokenizer.encode(text, add_special_tokens=False).ids, eot])
+    ids = torch.from_numpy(read_tokens(str(root / "new.txt"), tokenizer)[0])
+    assert ids[0] == ids[-1] == tokenizer.token_to_id(EOT)
     block = model.config.block_size
     nats = 0.0
     with torch.no_grad():
