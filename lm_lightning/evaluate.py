@@ -65,7 +65,9 @@ def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @torch.inference_mode()
-def score(model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, stride: int | None = None, batch_size: int = 8) -> tuple[float, int, int]:
+def score(
+    model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, stride: int | None = None, batch_size: int = 8
+) -> tuple[float, int, int]:
     """Summed nats, target tokens and their UTF-8 bytes of ``model`` on ``tokens``."""
     block_size = model.config.block_size
     stride = stride or block_size
@@ -109,8 +111,15 @@ def evaluate_model(model: GPT, tokenizer: Tokenizer, path: str, stride: int | No
     return Scores(loss, math.exp(loss), nats / math.log(2) / max(n_bytes, 1), n_tokens, n_bytes, corpus_hash)
 
 
-def log_evaluation(scores: Scores, ckpt_path: str, data_path: str, source_run_id: str | None, stride: int,
-                   experiment_name: str | None, tracking_uri: str | None) -> str:
+def log_evaluation(
+    scores: Scores,
+    ckpt_path: str,
+    data_path: str,
+    source_run_id: str | None,
+    stride: int,
+    experiment_name: str | None,
+    tracking_uri: str | None,
+) -> str:
     """Record ``scores`` as an MLflow run (tag ``command=evaluate``); in the checkpoint's experiment unless
     ``experiment_name`` is given. Returns the run id."""
     from mlflow.exceptions import MlflowException
