@@ -98,8 +98,9 @@ def evaluate(
     tracking_uri: str | None = None,
     device: str = "auto",
 ) -> None:
-    """Score a model on text: every token once, in windows of the model's block_size over the documents joined
-    as in training; print loss, perplexity, bits per byte and the token and byte counts.
+    """Score a model on text files, every token once: print loss, perplexity, bits per byte, token and byte counts.
+
+    Windows of the model's block_size run over the documents joined as in training (end-of-text between them).
 
     Args:
         ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, or a folder written by ``lm-lightning export``.
