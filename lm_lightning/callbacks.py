@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -64,6 +64,50 @@ class TokensPerSecond(L.Callback):
                 pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
                 pl_module.log("train/mfu", flops / self._peak, rank_zero_only=True)
             self._reset()
+
+
+class BestScores(L.Callback):
+    """Logs ``best/val_loss`` and ``best/val_bpb`` at each validation of ``fit`` that reaches a new best ``val/loss``
+    (the score ``best.ckpt`` is chosen by), at its step: the runs table can sort by them, and the run page shows
+    the best scores, not the last ones."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/loss" not in metrics:
+            return
+        loss = float(metrics["val/loss"])
+        if self.best and loss >= self.best["val_loss"]:
+            return
+        self.best = {"val_loss": loss, "val_bpb": float(metrics["val/bpb"]), "step": trainer.global_step}
+        # At the step Lightning logged val/* at (its logging counter, one behind global_step after an optimizer
+        # step; pinned by tests/test_lightning_internals.py), so the curves line up in the charts.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics({"best/val_loss": loss, "best/val_bpb": self.best["val_bpb"]}, step=step)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.best)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best = dict(state)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without its noise: no ``v_num`` (the MLflow run id's last characters), and for a
+    step-based run (``trainer.max_steps``, where the one "epoch" is the whole run) "train" instead of "Epoch 0"."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps > 0:
+            self.train_progress_bar.set_description("train")
 
 
 class GracefulCtrlC(L.Callback):

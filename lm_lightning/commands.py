@@ -1,18 +1,22 @@
-"""``lm-lightning generate`` and ``lm-lightning export``: typed functions whose docstrings are the CLI help."""
+"""``lm-lightning evaluate``, ``generate`` and ``export``: typed functions whose docstrings are the CLI help."""
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_type_hints
 
 import torch
-from jsonargparse import auto_cli
+from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
 from lm_lightning.checkpoint import load_gpt
+from lm_lightning.cli import did_you_mean, option_strings
 from lm_lightning.export import export_pretrained
 from lm_lightning.errors import UserError
+from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation
 from lm_lightning.generate import Sampling, SamplingError, TextGenerator
 
 
@@ -76,6 +80,60 @@ def generate(
         print(text + texts[i])
 
 
+@dataclass
+class EvalData:
+    """The text to score."""
+
+    path: str
+    """A UTF-8 text file, a folder (searched recursively for .txt, .md and .jsonl files) or a glob, as ``fit``'s."""
+
+
+def evaluate(
+    ckpt_path: str,
+    data: EvalData,
+    stride: int | None = None,
+    batch_size: int = 8,
+    json_output: bool = False,
+    mlflow: bool = True,
+    experiment_name: str | None = None,
+    tracking_uri: str | None = None,
+    device: str = "auto",
+) -> None:
+    """Score a model on text files, every token once: print loss, perplexity, bits per byte, token and byte counts.
+
+    Windows of the model's block_size run over the documents joined as in training (end-of-text between them).
+
+    Args:
+        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, or a folder written by ``lm-lightning export``.
+        data: The text to score.
+        stride: Tokens between the starts of consecutive windows. Unset: block_size (windows do not overlap).
+            Smaller: windows overlap and each token is scored once, with more context (slower).
+        batch_size: Windows per forward pass.
+        json_output: Print the scores as one JSON object instead.
+        mlflow: Record the evaluation as an MLflow run (tag command=evaluate), in the checkpoint's experiment.
+        experiment_name: MLflow experiment for the run. Unset: the checkpoint's run's experiment.
+        tracking_uri: Where the run is recorded. Unset: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto`` picks a GPU if there is one.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, source_run_id = load_scored_model(ckpt_path, device)
+    scores = evaluate_model(model, tokenizer, data.path, stride, batch_size)
+    run_id = None
+    if mlflow:
+        stride = stride or model.config.block_size
+        run_id = log_evaluation(scores, ckpt_path, data.path, source_run_id, stride, experiment_name, tracking_uri)
+    if json_output:
+        print(json.dumps({**asdict(scores), "mlflow_run_id": run_id}))
+        return
+    print(
+        f"loss {scores.loss:.4f}  perplexity {scores.ppl:.2f}  bits per byte {scores.bpb:.4f}  "
+        f"({scores.tokens} tokens, {scores.bytes} bytes)"
+    )
+    if run_id:
+        print(f"MLflow run {run_id}")
+
+
 def _print_header(i: int, num_samples: int) -> None:
     if num_samples > 1:
         print(f"--- sample {i + 1} of {num_samples} ---")
@@ -98,7 +156,7 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     print(f"exported {ckpt_path} to {folder}")
 
 
-COMMANDS = {"generate": generate, "export": export}
+COMMANDS = {"evaluate": evaluate, "generate": generate, "export": export}
 
 
 def run(name: str, args: list[str]) -> None:
@@ -107,9 +165,16 @@ def run(name: str, args: list[str]) -> None:
     warnings.showwarning = _warn
     # jsonargparse wants a value for every bool ("--stream true"); let a flag stand alone too.
     flags = {f"--{arg}" for arg, hint in get_type_hints(function).items() if hint is bool}
+    # --json for json_output: a parameter may not be called json, which names the module.
+    args = ["--json_output" if arg == "--json" else arg for arg in args]
     given = []
     for i, arg in enumerate(args):
         given.append(arg)
         if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("--")):
             given.append("true")
-    auto_cli(function, args=given, as_positional=False, prog=f"lm-lightning {name}")
+    try:
+        auto_cli(function, args=given, as_positional=False, prog=f"lm-lightning {name}", allow_abbrev=False, exit_on_error=False)
+    except ArgumentError as e:
+        parser = ArgumentParser()
+        parser.add_function_arguments(function, as_positional=False)
+        raise ArgumentError(None, did_you_mean(str(e), sorted(option_strings(parser)))) from None

@@ -211,13 +211,13 @@ class LanguageModel(L.LightningModule):
         self.val_tokens.update(losses.numel())
         self.val_bytes.update(self.token_bytes[targets].sum())
 
-    def on_validation_epoch_end(self) -> None:
+    def on_validation_epoch_end(self, split: str = "val") -> None:
         # torchmetrics sums across processes, so every rank holds the values of the whole split;
         # sync_dist then only averages equal numbers (and silences Lightning's warning).
         nats, n_tokens, n_bytes = self.val_nats.compute(), self.val_tokens.compute(), self.val_bytes.compute()
         loss = nats / n_tokens
         self.log_dict(
-            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": nats / math.log(2) / n_bytes.clamp(min=1)},
+            {f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss), f"{split}/bpb": nats / math.log(2) / n_bytes.clamp(min=1)},
             prog_bar=True,
             sync_dist=True,
         )
@@ -227,7 +227,7 @@ class LanguageModel(L.LightningModule):
     test_step = validation_step
 
     def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+        self.on_validation_epoch_end("test")
 
     # --- optimizer ---------------------------------------------------------------------------
 

@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
-from jsonargparse import lazy_instance
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from jsonargparse import ArgumentError, lazy_instance
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lm_lightning.callbacks import GracefulCtrlC, LastCheckpoint, ResumeState, TextSamples, TokensPerSecond
+from lm_lightning.callbacks import (
+    BestScores,
+    GracefulCtrlC,
+    LastCheckpoint,
+    ResumeState,
+    StepProgressBar,
+    TextSamples,
+    TokensPerSecond,
+)
+from lm_lightning.cli import did_you_mean, option_strings
 from lm_lightning.data import TextDataModule
+from lm_lightning.data.corpus import DataError
+from lm_lightning.data.datamodule import NO_TEST_SPLIT
+from lm_lightning.errors import UserError
 from lm_lightning.hardware import auto_precision
 from lm_lightning.module import LanguageModel
 from lm_lightning.pretrained import apply_init_from
-from lm_lightning.tracking.logger import MLflowLogger
+from lm_lightning.scoring import adopt_checkpoint
+from lm_lightning.tracking.logger import MLflowLogger, mlflow_logger
+from lm_lightning.tracking.names import name_run
 from lm_lightning.tracking.records import MLflowConfig, MLflowRunInfo
 from lm_lightning.tracking.runs import resolve_ckpt_path
 
 
 class LMCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict is not offered: a language model's predictions are `lm-lightning generate` and `evaluate`.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            raise ArgumentError(None, did_you_mean(str(e), sorted(set(option_strings(parser))))) from None
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.model.get("init_from"):
@@ -28,15 +53,37 @@ class LMCLI(LightningCLI):
         if config.trainer.enable_progress_bar is not False and not any(
             "ProgressBar" in str(getattr(c, "class_path", c)) for c in config.trainer.callbacks or []
         ):
-            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], TQDMProgressBar()]
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], StepProgressBar()]
 
     def _parse_ckpt_path(self) -> None:
         # A private hook of LightningCLI (pinned by tests/test_lightning_internals.py). Its own version replaces
         # the model config with the checkpoint's hyperparameters when ckpt_path is a file (lightning/pytorch/cli.py):
         # a resume with a changed option such as model.nonfinite_loss would silently lose it, and "last" would
         # behave unlike a path. Here the config stays what the user wrote; a checkpoint of another shape is refused.
-        if subcommand := self.config.get("subcommand"):
-            resolve_ckpt_path(self.config[subcommand], subcommand)
+        # Also where the run is named: before seed_everything seeds the random generators.
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config, tags = self.config[subcommand], {}
+        if subcommand in ("validate", "test"):
+            if config.ckpt_path in (None, "last"):
+                raise UserError(f"{subcommand} scores a checkpoint: pass --ckpt_path path/to/best.ckpt")
+            if subcommand == "test" and not config.data.test_fraction:
+                raise DataError(NO_TEST_SPLIT)
+            tags = adopt_checkpoint(config, self._subcommand_parsers[subcommand].get_defaults())
+        resolve_ckpt_path(config, subcommand)
+        name_run(config, subcommand, tags)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except UserError:
+            # A user's mistake found once the run had started (a corpus too short, say) leaves no FAILED run
+            # behind, unless it continued a run or trained a step.
+            logger = mlflow_logger(self.trainer)
+            if logger is not None and logger._initialized and not logger.resumed and self.trainer.global_step == 0:
+                logger.experiment.delete_run(logger.run_id)
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.block_size", "data.block_size")
@@ -66,6 +113,8 @@ class LMCLI(LightningCLI):
                 "trainer.gradient_clip_val": 1.0,
                 "trainer.use_distributed_sampler": False,  # the data module shards by rank itself
                 "trainer.enable_autolog_hparams": False,  # MLflowConfig logs the whole resolved config instead
+                # Its table's FLOPs column is all zeros (no example input); MLflowRunInfo prints the parameter count.
+                "trainer.enable_model_summary": False,
             }
         )
 
@@ -77,7 +126,7 @@ def run_trainer_cli(args: list[str] | None) -> None:
         TextDataModule,
         seed_everything_default=1337,
         # Always present, in addition to any trainer.callbacks in the config.
-        trainer_defaults={"callbacks": [TokensPerSecond(), MLflowRunInfo(), ResumeState(), GracefulCtrlC()]},
+        trainer_defaults={"callbacks": [TokensPerSecond(), BestScores(), MLflowRunInfo(), ResumeState(), GracefulCtrlC()]},
         auto_configure_optimizers=False,  # LanguageModel.configure_optimizers owns AdamW and its schedule
         save_config_callback=MLflowConfig,
         save_config_kwargs={"save_to_log_dir": False},

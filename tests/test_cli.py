@@ -44,10 +44,12 @@ def test_short_run_is_recorded_in_mlflow(trained):
     tags = run.data.tags
     assert int(tags["n_params"]) > 0 and len(tags["corpus_sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "tokenizer", "best"} <= artifacts
+    assert {"config.yaml", "tokenizer", "samples.json"} <= artifacts
+    assert not {"best", "last"} & artifacts  # checkpoints are stored once, in the run folder the tags name
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(root))
     assert "n_layer: 2" in open(config).read()
-    assert f"MLflow run: {run.info.run_id}" in result.stdout
+    assert f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in result.stdout
+    assert f"best val/bpb {run.data.metrics['best/val_bpb']:.4f}" in result.stdout
 
 
 def test_training_loss_falls(trained):

@@ -25,18 +25,19 @@ def test_model_checkpoint_private_save_steps():
 
 def test_mlflow_logger_private_state(tmp_path):
     # tracking.logger.MLflowLogger: lazy start (_initialized), resumed run id (_run_id), the log_model switch
-    # (_log_model) and uploading every checkpoint callback's files (_scan_and_log_checkpoints).
+    # (_log_model).
     logger = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", log_model=True, run_id="abc")
     assert logger._initialized is False
     assert logger._run_id == "abc"
     assert logger._log_model is True
-    assert list(inspect.signature(MLFlowLogger._scan_and_log_checkpoints).parameters) == ["self", "checkpoint_callback"]
 
 
 def test_fit_loop_batch_progress_counter():
     # data.datamodule: the resumable loader's position is the fit loop's count of processed batches.
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     assert trainer.fit_loop.epoch_loop.batch_progress.current.processed == 0
+    # callbacks.BestScores logs best/* at the step val/* is logged at: the epoch loop's logging counter.
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 0
 
 
 def test_exceptions_reach_loggers_as_finalize_failed():

@@ -29,6 +29,7 @@ from lm_lightning.tokenizer import begin_of_text, end_of_text, load_tokenizer, s
 
 CACHE_FORMAT = 2
 SPLITS = ("train", "val")
+TEST = "test"  # a third split, only in caches built with test_fraction > 0
 _ENCODE_BATCH = 256  # pieces per encode_batch call (tokenizers encodes a batch on all cores)
 
 
@@ -116,18 +117,22 @@ def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path, shard_tokens: int) -> dict:
+def tokenize_corpus(
+    sources, jsonl_field, tokenizer, val_fraction, folder: Path, shard_tokens: int, test_fraction: float = 0.0
+) -> dict:
     """Tokenize every source into the shard files of ``folder``; return the meta that describes them.
 
     Each source's documents are joined with end-of-text tokens (and each starts with the tokenizer's
     beginning-of-text token, if it adds one), and its last ``val_fraction`` of tokens goes to validation,
-    so the split is deterministic and never overlaps training.
+    so the split is deterministic and never overlaps training; with ``test_fraction``, the
+    ``test_fraction`` of tokens before them goes to the test split.
     """
     eot, bos = end_of_text(tokenizer), begin_of_text(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     remove_stale_temporaries(folder / "source")
     scratch_path = temporary_path(folder / "source")
-    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in SPLITS}
+    splits = SPLITS + ((TEST,) if test_fraction else ())
+    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in splits}
     corpus_hash = hashlib.sha256()
     has_text = False
     total_bytes = sum(s.size for s in sources)
@@ -153,11 +158,13 @@ def tokenize_corpus(sources, jsonl_field, tokenizer, val_fraction, folder: Path,
                         n += len(ids)
                     np.asarray([eot], dtype=dtype).tofile(scratch)
                     n += 1
-            n_val = int(round(n * val_fraction))
+            n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
             with open(scratch_path, "rb") as scratch:
-                writers["train"].copy_from(scratch, n - n_val)
+                writers["train"].copy_from(scratch, n - n_val - n_test)
+                if n_test:
+                    writers[TEST].copy_from(scratch, n_test)
                 writers["val"].copy_from(scratch, n_val)
-            if n_val:  # the training part stops mid-document: close it, so the next source starts clean
+            if n_val or n_test:  # the training part stops mid-document: close it, so the next source starts clean
                 writers["train"].write(np.asarray([eot], dtype=dtype))
         for writer in writers.values():
             writer.close()
@@ -272,6 +279,16 @@ class TokenCache:
     jsonl_field: str
     tokenizer_sample_bytes: int
     shard_tokens: int
+    test_fraction: float = 0.0
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS + ((TEST,) if self.test_fraction else ())
+
+    @property
+    def _split_settings(self) -> dict:
+        # test_fraction is recorded only when set: caches built before it existed stay valid.
+        return {"val_fraction": self.val_fraction, **({"test_fraction": self.test_fraction} if self.test_fraction else {})}
 
     @property
     def folder(self) -> Path:
@@ -292,7 +309,7 @@ class TokenCache:
             "sources": [s.fingerprint for s in sources],
             "jsonl_field": self.jsonl_field,
             "tokenizer": tokenizer_hash(tokenizer),
-            "val_fraction": self.val_fraction,
+            **self._split_settings,
             **builtin,
         }
 
@@ -306,11 +323,11 @@ class TokenCache:
             "vocab_size": self.vocab_size,
             "jsonl_field": self.jsonl_field,
             "sample_bytes": self.tokenizer_sample_bytes,
-            "val_fraction": self.val_fraction,
+            **self._split_settings,
         }
         if _read_json(self.folder / "tokenizer.meta.json") == wanted and path.is_file():
             return load_tokenizer(path)
-        sample = iter_sample(sources, self.jsonl_field, self.tokenizer_sample_bytes, 1 - self.val_fraction)
+        sample = iter_sample(sources, self.jsonl_field, self.tokenizer_sample_bytes, 1 - self.val_fraction - self.test_fraction)
         tokenizer = train_tokenizer(sample, self.vocab_size)
         (self.folder / "tokenizer.meta.json").unlink(missing_ok=True)
         save_tokenizer(tokenizer, path)
@@ -320,7 +337,7 @@ class TokenCache:
     def _files_whole(self, meta: dict) -> bool:
         """Every shard file the meta lists is there, of the size it lists."""
         itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
-        for split in SPLITS:
+        for split in self.splits:
             sizes = meta.get(f"{split}_shards")
             if not isinstance(sizes, list) or sum(sizes) != meta.get(f"{split}_tokens"):
                 return False
@@ -337,8 +354,12 @@ class TokenCache:
             tokenizer = self._tokenizer(sources)
             expected = self._expected_meta(sources, tokenizer)
             meta = _read_json(self.folder / "meta.json")
-            if meta is None or {k: meta.get(k) for k in expected} != expected or not self._files_whole(meta):
-                built = tokenize_corpus(sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder, self.shard_tokens)
+            stale = meta is None or {k: meta.get(k) for k in expected} != expected
+            # A cache built with a test split, asked for none: expected_meta has no test_fraction key to compare.
+            if stale or meta.get("test_fraction", 0.0) != self.test_fraction or not self._files_whole(meta):
+                built = tokenize_corpus(
+                    sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder, self.shard_tokens, self.test_fraction
+                )
                 meta = {**expected, **built, "tokenizer_json": tokenizer.to_str()}
                 atomic_write_text(self.folder / "meta.json", json.dumps(meta), "token cache metadata")
         return meta
@@ -356,7 +377,7 @@ class TokenCache:
                 meta["dtype"],
                 random_access=split == "train",  # random windows; validation reads in order
             )
-            for split in SPLITS
+            for split in self.splits
         }
         return meta, tokenizer, splits
 
@@ -365,10 +386,10 @@ class TokenCache:
         if not meta["has_text"]:
             raise DataError(f"{self.where} holds no text (empty or whitespace only); point data.path at a non-empty corpus")
         need = block_size + 1
-        for split in SPLITS:
+        for split in self.splits:
             if meta[f"{split}_tokens"] < need:
                 raise DataError(
                     f"{self.where} is too short: its {split} split has {meta[f'{split}_tokens']} tokens, fewer than one "
                     f"window of block_size + 1 = {need}; use more text, a smaller model.block_size"
-                    + (", or a larger data.val_fraction" if split == "val" else "")
+                    + (f", or a larger data.{split}_fraction" if split != "train" else "")
                 )

@@ -16,6 +16,11 @@ from lm_lightning.data.windows import ResumableLoader, ResumableSampler, TrainWi
 from lm_lightning.files import cache_root
 from lm_lightning.tokenizer import token_bytes
 
+NO_TEST_SPLIT = (
+    "there is no test split: data.test_fraction is 0; set it (e.g. --data.test_fraction 0.05) when training and "
+    "testing, so the test text is held out from training"
+)
+
 
 class TextDataModule(L.LightningDataModule):
     def __init__(
@@ -26,6 +31,7 @@ class TextDataModule(L.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 32,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
         val_batch_size: int | None = None,
         jsonl_field: str = "text",
         tokenizer_sample_bytes: int = 100_000_000,
@@ -46,6 +52,8 @@ class TextDataModule(L.LightningDataModule):
             block_size: Tokens of context per training window (linked to ``model.block_size``).
             batch_size: Windows per training batch.
             val_fraction: The last fraction of each source's tokens, held out for validation.
+            test_fraction: The fraction of each source's tokens before the validation part, held out for
+                ``lm-lightning test``. 0: no test split. Set it for ``fit`` as well, so the test text is never trained on.
             val_batch_size: Windows per validation batch. Unset: ``batch_size``.
             jsonl_field: The field of each .jsonl record that holds its text.
             tokenizer_sample_bytes: Bytes of the corpus the tokenizer is trained on (shared equally between
@@ -61,6 +69,8 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
+        if not 0.0 <= test_fraction < 1.0 - val_fraction:
+            raise DataError(f"data.test_fraction={test_fraction} must be >= 0 and leave text for training, e.g. 0.05")
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("shard_tokens", shard_tokens)):
             if value < 1:
                 raise DataError(f"data.{name}={value} must be a positive integer")
@@ -71,6 +81,7 @@ class TextDataModule(L.LightningDataModule):
             tokenizer_path=tokenizer_path,
             vocab_size=vocab_size,
             val_fraction=val_fraction,
+            test_fraction=test_fraction,
             jsonl_field=jsonl_field,
             tokenizer_sample_bytes=tokenizer_sample_bytes,
             shard_tokens=shard_tokens,
@@ -136,11 +147,13 @@ class TextDataModule(L.LightningDataModule):
         sampler = ResumableSampler(num_batches, epoch=trainer.current_epoch if trainer is not None else 0)
         return ResumableLoader(dataset, sampler=sampler, batch_size=None, consumed=consumed, **self._loader_kwargs())
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, split: str = "val") -> DataLoader:
         rank, world = self._rank_world()
-        dataset = ValWindows(self.tokens["val"], self.hparams.block_size, rank, world)
+        dataset = ValWindows(self.tokens[split], self.hparams.block_size, rank, world)
         batch_size = self.hparams.val_batch_size or self.hparams.batch_size
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        if "test" not in self.tokens:
+            raise DataError(NO_TEST_SPLIT)
+        return self.val_dataloader("test")

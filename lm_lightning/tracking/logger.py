@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,44 +14,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_lightning.errors import UserError
-from lm_lightning.files import file_lock
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri, store_init_lock  # noqa: F401 (re-exported)
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
     """The trainer's MLflow logger, if it has one."""
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-
-
-def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``sqlite:///mlflow.db``."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-@contextmanager
-def store_init_lock(tracking_uri: str) -> Iterator[None]:
-    """Holds ``<database>.lock`` while an sqlite tracking store is opened.
-
-    MLflow creates a new database's tables when it first connects (``SqlAlchemyStore.__init__``), with nothing
-    to keep two processes apart: two runs started at once in a fresh folder both fail ("table ... already
-    exists"). A separate lock file, because closing any descriptor of the database itself would drop
-    SQLite's own POSIX locks on it.
-    """
-    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
-        yield
-        return
-    database = Path(tracking_uri[len("sqlite:///") :])
-    with file_lock(database.with_name(database.name + ".lock")):
-        yield
-
-
-def mlflow_client(tracking_uri: str):
-    """An ``MlflowClient`` for ``tracking_uri``, opened under ``store_init_lock``."""
-    from mlflow.tracking import MlflowClient
-
-    with store_init_lock(tracking_uri):
-        return MlflowClient(tracking_uri)
 
 
 class MLflowLogger(MLFlowLogger):
@@ -78,14 +42,14 @@ class MLflowLogger(MLFlowLogger):
                 what a plain ``mlflow ui`` there shows. Lightning's own default, a ``./mlruns`` file store,
                 raises on MLflow 3.
             tags: Extra tags for the run.
-            log_model: Log the best and last checkpoints as artifacts when training ends.
+            log_model: Log the best checkpoint as a servable MLflow model (``model``) when training ends. The
+                checkpoints themselves stay in the run's folder, named by the run's ``best_checkpoint`` tag.
             run_id: Continue this existing run instead of starting a new one. ``--ckpt_path`` sets it to the
                 checkpoint's run.
         """
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name = experiment_name
         self.resumed = run_id is not None
-        self._checkpoint_callbacks: dict[str, ModelCheckpoint] = {}
         with store_init_lock(self.tracking_uri):
             super().__init__(
                 experiment_name=experiment_name,
@@ -140,17 +104,14 @@ class MLflowLogger(MLFlowLogger):
             self.experiment.log_batch(run_id=self.run_id, params=new[start : start + 100])
 
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        # Lightning's MLFlowLogger remembers only the callback that saved most recently, so of a best and a
-        # last checkpoint callback only one would be uploaded at the end.
-        if self._log_model is True and checkpoint_callback.save_top_k != -1:
-            self._checkpoint_callbacks[checkpoint_callback.state_key] = checkpoint_callback
-        else:
-            super().after_save_checkpoint(checkpoint_callback)
+        # Checkpoints are stored once, in the run's folder (where --ckpt_path last finds them); the run refers to
+        # them by its best_checkpoint and checkpoint_dir tags. Uploading them too doubled the disk they take.
+        pass
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (checkpoints are not uploaded: the
-        run is meant to be resumed); FAILED on any other error, with the error as the ``error`` tag and its
+        """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (the run is meant to be
+        resumed); FAILED on any other error, with the error as the ``error`` tag and its
         traceback as ``error.txt``.
 
         Lightning reports every exception, SIGTERM and Ctrl-C included, as ``finalize("failed")`` from inside
@@ -167,6 +128,4 @@ class MLflowLogger(MLFlowLogger):
             message = " ".join(str(error).split()) or type(error).__name__
             self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {message}"[:5000])
             self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
-        for callback in self._checkpoint_callbacks.values():
-            self._scan_and_log_checkpoints(callback)
         super().finalize(status)

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lm_lightning.tracking.logger import mlflow_logger
+from lm_lightning.tracking.store import mark_model_training
 
 # The keys a person compares runs by; the whole resolved config is the run's config.yaml artifact.
 PARAM_KEYS = (
@@ -92,11 +93,14 @@ class MLflowRunInfo(L.Callback):
             tags["data.path"] = str(datamodule.path or "builtin:pydoc_data")
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
+        mark_model_training(logger.experiment, logger.experiment_id)
         if pl_module.tokenizer_json:
             logger.experiment.log_text(logger.run_id, pl_module.tokenizer_json, "tokenizer/tokenizer.json")
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
+        config = pl_module.model.config
+        print(f"model: {pl_module.model.num_params():,} parameters ({config.n_layer} layers x {config.n_embd})")
         self._log_run_info(trainer, pl_module)
 
     @rank_zero_only
@@ -107,6 +111,13 @@ class MLflowRunInfo(L.Callback):
     @rank_zero_only
     def on_test_start(self, trainer, pl_module) -> None:
         self._log_run_info(trainer, pl_module)
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Checkpoints are stored once, in the run's folder; the run points to it.
+        logger = mlflow_logger(trainer)
+        if logger is not None and trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            logger.experiment.set_tag(logger.run_id, "checkpoint_dir", str(Path(trainer.checkpoint_callback.dirpath).resolve()))
 
     @rank_zero_only
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -123,16 +134,39 @@ class MLflowRunInfo(L.Callback):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if logger is not None and best:
             logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(Path(best).resolve()))
-        # The logger's log_model switch covers the servable model as well as the checkpoint files.
+        # The logger's log_model switch: the servable model (the checkpoints stay in the run folder).
         if logger is not None and best and getattr(logger, "_log_model", False):
             log_text_model(logger, best)
-        if best:
-            print(f"best checkpoint: {Path(best).resolve()}")
-        if logger is not None:
-            print(f"MLflow run: {logger.run_id} (experiment {logger.experiment_name!r}, tracking {logger.tracking_uri}; browse with: mlflow ui)")
+        print(fit_summary(trainer, logger, best))
+
+
+def ui_address(logger: MLFlowLogger) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or where a plain ``mlflow ui`` serves a local store."""
+    base = logger._tracking_uri if str(logger._tracking_uri).startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{logger.experiment_id}/runs/{logger.run_id}"
+
+
+def fit_summary(trainer, logger: MLFlowLogger | None, best: str) -> str:
+    """The one line ``fit`` ends with: the best score, its step, the checkpoint and the run's address."""
+    from lm_lightning.callbacks import BestScores  # callbacks imports this module
+
+    scores = next((c.best for c in trainer.callbacks if isinstance(c, BestScores)), {})
+    parts = [f"best val/bpb {scores['val_bpb']:.4f} at step {scores['step']}" if scores else "no validation score"]
+    if best:
+        parts.append(f"checkpoint {Path(best).resolve()}")
+    if logger is not None:
+        parts.append(f"run {ui_address(logger)} (mlflow ui)")
+    return "; ".join(parts)
+
+
+SAMPLES_TABLE = "samples.json"
 
 
 def log_samples(logger: MLFlowLogger, step: int, prompts: list[str], texts: list[str]) -> None:
-    """Log the continuations ``texts`` of ``prompts`` at ``step`` as ``samples/step_000200.txt``."""
+    """Log the continuations ``texts`` of ``prompts`` at ``step`` as ``samples/step_000200.txt``, and as rows
+    (step, sample, prompt) of the table ``samples.json``, which the MLflow UI's evaluation view lines up across runs."""
     body = "".join(f"### prompt {prompt!r}\n{prompt}{text}\n\n" for prompt, text in zip(prompts, texts))
     logger.experiment.log_text(logger.run_id, body, f"samples/step_{step:06d}.txt")
+    # The UI's artifact view compares the first column after the one it groups by (step): the samples.
+    rows = {"step": [step] * len(prompts), "sample": [p + t for p, t in zip(prompts, texts)], "prompt": list(prompts)}
+    logger.experiment.log_table(logger.run_id, data=rows, artifact_file=SAMPLES_TABLE)

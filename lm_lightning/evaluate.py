@@ -1,0 +1,154 @@
+"""Scoring a model on text: every token of the files once, in windows of the model's context, as training reads
+documents (joined with end-of-text tokens). Loss, perplexity and bits per UTF-8 byte, exact per target token."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint, load_gpt
+from lm_lightning.data.cache import iter_batches
+from lm_lightning.data.corpus import DataError, iter_documents, resolve_sources
+from lm_lightning.errors import UserError
+from lm_lightning.export import load_pretrained
+from lm_lightning.model import GPT
+from lm_lightning.tokenizer import EOT, token_bytes
+
+
+@dataclass
+class Scores:
+    loss: float
+    """Mean cross-entropy per token, in nats."""
+    ppl: float
+    """Perplexity, ``exp(loss)``."""
+    bpb: float
+    """Bits per UTF-8 byte of the text."""
+    tokens: int
+    bytes: int
+    corpus_sha256: str
+
+
+def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text") -> tuple[np.ndarray, str]:
+    """The ids of every document of ``path`` (as ``data.path`` reads it), each followed by end-of-text, after one
+    end-of-text that starts the first document; and the corpus hash that training's token cache records."""
+    eot = tokenizer.token_to_id(EOT)
+    ids, corpus_hash = [np.array([eot])], hashlib.sha256()
+    for source in resolve_sources(path):
+        for doc in iter_documents(source, jsonl_field):
+            for batch in iter_batches(doc, 256):
+                for text in batch:
+                    corpus_hash.update(text.encode("utf-8"))
+                ids.extend(np.asarray(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+            ids.append(np.array([eot]))
+    return np.concatenate(ids).astype(np.int64), corpus_hash.hexdigest()
+
+
+def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, new)`` for each window over ``n`` tokens: it reads ``tokens[begin:end]``, predicts
+    ``tokens[begin+1:end+1]`` and scores only its last ``new`` targets, so every target is scored once; with
+    ``stride < block_size`` the windows overlap and each target is scored with more context."""
+    spans, scored = [], 0
+    for begin in range(0, n - 1, stride):
+        end = min(begin + block_size, n - 1)
+        spans.append((begin, end, end - scored))
+        scored = end
+        if end == n - 1:
+            break
+    return spans
+
+
+@torch.inference_mode()
+def score(
+    model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, stride: int | None = None, batch_size: int = 8
+) -> tuple[float, int, int]:
+    """Summed nats, target tokens and their UTF-8 bytes of ``model`` on ``tokens``."""
+    block_size = model.config.block_size
+    stride = stride or block_size
+    if not 1 <= stride <= block_size:
+        raise UserError(f"stride={stride} must be between 1 and the model's block_size ({block_size})")
+    if len(tokens) < 2:
+        raise DataError("the text holds no tokens to score")
+    device = model.lm_head.weight.device
+    n_bytes = torch.tensor([len(b) for b in token_bytes(tokenizer)], device=device)
+    data = torch.from_numpy(tokens).to(device)
+    nats, n_tokens, total_bytes = 0.0, 0, 0
+    spans = windows(len(tokens), block_size, stride)
+    # Batches of windows of one length: all but the last window are block_size long.
+    for group in (spans[:-1], spans[-1:]):
+        for batch in iter_batches(group, batch_size):
+            inputs = torch.stack([data[b:e] for b, e, _ in batch])
+            targets = torch.stack([data[b + 1 : e + 1] for b, e, _ in batch])
+            logits = model.forward(inputs).float()
+            losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            for row, (_, _, new) in enumerate(batch):
+                nats += losses[row, -new:].double().sum().item()
+                n_tokens += new
+                total_bytes += int(n_bytes[targets[row, -new:]].sum())
+    return nats, n_tokens, total_bytes
+
+
+def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | None]:
+    """The model and tokenizer of a checkpoint or an exported folder, and the MLflow run that wrote the checkpoint."""
+    if Path(path).is_dir():
+        return (*load_pretrained(path), None)
+    model, tokenizer = load_gpt(path)
+    run_id = load_checkpoint(path, mmap=True).get(RUN_ID_KEY)
+    return model.to(device), tokenizer, run_id
+
+
+def evaluate_model(model: GPT, tokenizer: Tokenizer, path: str, stride: int | None = None, batch_size: int = 8) -> Scores:
+    """``Scores`` of ``model`` on the text of ``path`` (a file, folder or glob, as ``data.path``)."""
+    tokens, corpus_hash = read_tokens(path, tokenizer)
+    nats, n_tokens, n_bytes = score(model, tokenizer, tokens, stride, batch_size)
+    loss = nats / n_tokens
+    return Scores(loss, math.exp(loss), nats / math.log(2) / max(n_bytes, 1), n_tokens, n_bytes, corpus_hash)
+
+
+def log_evaluation(
+    scores: Scores,
+    ckpt_path: str,
+    data_path: str,
+    source_run_id: str | None,
+    stride: int,
+    experiment_name: str | None,
+    tracking_uri: str | None,
+) -> str:
+    """Record ``scores`` as an MLflow run (tag ``command=evaluate``); in the checkpoint's experiment unless
+    ``experiment_name`` is given. Returns the run id."""
+    from mlflow.exceptions import MlflowException
+
+    from lm_lightning.tracking.names import stamp
+    from lm_lightning.tracking.store import mark_model_training, mlflow_client, resolve_tracking_uri
+
+    client = mlflow_client(resolve_tracking_uri(tracking_uri))
+    experiment_id = None
+    if experiment_name is None and source_run_id:
+        try:
+            experiment_id = client.get_run(source_run_id).info.experiment_id
+        except MlflowException:
+            pass  # a checkpoint from another tracking store
+    if experiment_id is None:
+        name = experiment_name or "lm_lightning"
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        mark_model_training(client, experiment_id)
+    tags = {
+        "command": "evaluate",
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "data.path": data_path,
+        "corpus_sha256": scores.corpus_sha256,
+        **({"source_run_id": source_run_id} if source_run_id else {}),
+    }
+    run = client.create_run(experiment_id, tags=tags, run_name=f"evaluate-{Path(data_path).stem}-{stamp()}")
+    client.log_param(run.info.run_id, "stride", stride)
+    for key in ("loss", "ppl", "bpb"):
+        client.log_metric(run.info.run_id, f"eval/{key}", getattr(scores, key))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

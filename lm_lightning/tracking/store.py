@@ -1,0 +1,53 @@
+"""The MLflow tracking store: where runs are recorded, and opening it safely. Imports mlflow only when a client is
+opened, so that the light commands can record runs without Lightning's logger."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lm_lightning.files import file_lock
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``sqlite:///mlflow.db``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextmanager
+def store_init_lock(tracking_uri: str) -> Iterator[None]:
+    """Holds ``<database>.lock`` while an sqlite tracking store is opened.
+
+    MLflow creates a new database's tables when it first connects (``SqlAlchemyStore.__init__``), with nothing
+    to keep two processes apart: two runs started at once in a fresh folder both fail ("table ... already
+    exists"). A separate lock file, because closing any descriptor of the database itself would drop
+    SQLite's own POSIX locks on it.
+    """
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
+        yield
+        return
+    database = Path(tracking_uri[len("sqlite:///") :])
+    with file_lock(database.with_name(database.name + ".lock")):
+        yield
+
+
+def mlflow_client(tracking_uri: str):
+    """An ``MlflowClient`` for ``tracking_uri``, opened under ``store_init_lock``."""
+    from mlflow.tracking import MlflowClient
+
+    with store_init_lock(tracking_uri):
+        return MlflowClient(tracking_uri)
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def mark_model_training(client, experiment_id: str) -> None:
+    """Have the MLflow UI open the experiment in its model-training view (runs table, charts), not the GenAI
+    view (traces) it would guess for a new experiment; unless the experiment's kind was chosen already."""
+    if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
