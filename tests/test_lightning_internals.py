@@ -43,3 +43,10 @@ def test_fit_loop_batch_progress_counter():
 def test_exceptions_reach_loggers_as_finalize_failed():
     # tracking.logger.MLflowLogger.finalize tells SIGTERM and Ctrl-C from errors by the exception being handled.
     assert 'logger.finalize("failed")' in inspect.getsource(call._interrupt)
+
+
+def test_cli_private_subcommand_run_and_parsers():
+    # trainer_cli.LMCLI._run_subcommand deletes the run a user error stopped before any step; _parse_ckpt_path
+    # reads the subcommand's parser defaults from _subcommand_parsers to tell the flags a user set.
+    assert list(inspect.signature(LightningCLI._run_subcommand).parameters) == ["self", "subcommand"]
+    assert "self._subcommand_parsers" in inspect.getsource(LightningCLI)

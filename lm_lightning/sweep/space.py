@@ -75,7 +75,7 @@ def check_keys(
     """Each key must be in the resolved fit config ``base``; a range only on a number (of the right kind).
 
     ``resolve(overrides)`` resolves the config with values set: a key unset in ``base`` (``null``) can still be
-    a number (``model.min_lr``), which only the fit parser's types tell.
+    a number (``model.min_lr_ratio``), which only the fit parser's types tell.
     """
     unset = {}
     for key, dist in space.items():
