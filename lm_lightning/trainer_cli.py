@@ -6,7 +6,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lm_lightning.callbacks import GracefulCtrlC, LastCheckpoint, ResumeState, TextSamples, TokensPerSecond
+from lm_lightning.callbacks import GracefulCtrlC, LastCheckpoint, ResumeState, TextSamples, TokensPerSecond, ValidateLastStep
 from lm_lightning.data import TextDataModule
 from lm_lightning.hardware import auto_precision
 from lm_lightning.module import LanguageModel
@@ -74,7 +74,7 @@ def run_trainer_cli(args: list[str] | None) -> None:
         TextDataModule,
         seed_everything_default=1337,
         # Always present, in addition to any trainer.callbacks in the config.
-        trainer_defaults={"callbacks": [TokensPerSecond(), MLflowRunInfo(), ResumeState(), GracefulCtrlC()]},
+        trainer_defaults={"callbacks": [TokensPerSecond(), MLflowRunInfo(), ResumeState(), GracefulCtrlC(), ValidateLastStep()]},
         auto_configure_optimizers=False,  # LanguageModel.configure_optimizers owns AdamW and its schedule
         save_config_callback=MLflowConfig,
         save_config_kwargs={"save_to_log_dir": False},

@@ -37,6 +37,7 @@ def test_fit_loop_batch_progress_counter():
     # data.datamodule: the resumable loader's position is the fit loop's count of processed batches.
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     assert trainer.fit_loop.epoch_loop.batch_progress.current.processed == 0
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.processed == 0
 
 
 def test_exceptions_reach_loggers_as_finalize_failed():
