@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -169,6 +170,11 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(
             dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps, enable_version_counter=False
         )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if (logger := mlflow_logger(trainer)) is not None and hasattr(logger, "journal_dir"):
+            logger.journal_dir = Path(self.dirpath).parent  # MLflow records kept while its server is away
 
     def _save_last_now(self, trainer: L.Trainer) -> None:
         # ModelCheckpoint's own private steps of a save (pinned by tests/test_lightning_internals.py): there is

@@ -12,7 +12,7 @@ from lm_lightning.hardware import auto_precision
 from lm_lightning.module import LanguageModel
 from lm_lightning.tracking.logger import MLflowLogger
 from lm_lightning.tracking.records import MLflowConfig, MLflowRunInfo
-from lm_lightning.tracking.runs import resolve_ckpt_path
+from lm_lightning.tracking.runs import check_tracking_store, resolve_ckpt_path
 
 
 class LMCLI(LightningCLI):
@@ -33,6 +33,7 @@ class LMCLI(LightningCLI):
         # a resume with a changed option such as model.nonfinite_loss would silently lose it, and "last" would
         # behave unlike a path. Here the config stays what the user wrote; a checkpoint of another shape is refused.
         if subcommand := self.config.get("subcommand"):
+            check_tracking_store(self.config[subcommand])
             resolve_ckpt_path(self.config[subcommand], subcommand)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

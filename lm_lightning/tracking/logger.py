@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_lightning.errors import UserError
 from lm_lightning.files import file_lock
+from lm_lightning.tracking.journal import Journal, JournaledClient, bound_http_retries, store_errors
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -48,6 +49,17 @@ def store_init_lock(tracking_uri: str) -> Iterator[None]:
     database = Path(tracking_uri[len("sqlite:///") :])
     with file_lock(database.with_name(database.name + ".lock")):
         yield
+
+
+def check_store(tracking_uri: str) -> None:
+    """Refuse an sqlite tracking database that is not one, naming it (MLflow's own error is a parser message)."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
+        return
+    database = Path(tracking_uri[len("sqlite:///") :])
+    if database.is_file() and database.stat().st_size:
+        with open(database, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise UserError(f"{database} is not an SQLite database, so not an MLflow one; move it away or set another tracking URI")
 
 
 def mlflow_client(tracking_uri: str):
@@ -86,6 +98,9 @@ class MLflowLogger(MLFlowLogger):
         self.experiment_name = experiment_name
         self.resumed = run_id is not None
         self._checkpoint_callbacks: dict[str, ModelCheckpoint] = {}
+        self.journal_dir: Path | None = None  # set by LastCheckpoint: the run's folder, next to its checkpoints
+        self._journaled: JournaledClient | None = None
+        bound_http_retries()
         with store_init_lock(self.tracking_uri):
             super().__init__(
                 experiment_name=experiment_name,
@@ -99,23 +114,31 @@ class MLflowLogger(MLFlowLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        """The ``MlflowClient``. Its first use creates the experiment and the run, or sets a resumed run back to
-        RUNNING; under ``store_init_lock``, as two runs started at once would both create the experiment."""
-        if self._initialized:
-            return super().experiment
+        """The ``MlflowClient``, its writes to the run journaled while the tracking store cannot be reached (see
+        ``tracking/journal.py``). Its first use creates the experiment and the run, or sets a resumed run back to
+        RUNNING, under ``store_init_lock``, as two runs started at once would both create the experiment; a store
+        that cannot be reached then is one line naming it."""
+        if self._journaled is not None:
+            return self._journaled
         from mlflow.exceptions import MlflowException
 
-        with store_init_lock(self.tracking_uri):
+        with store_init_lock(self.tracking_uri), store_errors(self.tracking_uri):
             try:
                 client = super().experiment
-            except MlflowException:
-                if self.resumed:
+            except MlflowException as e:
+                if self.resumed and e.error_code == "RESOURCE_DOES_NOT_EXIST":
                     message = f"MLflow run {self._run_id} does not exist in {self.tracking_uri}; unset its run_id"
                     raise UserError(message) from None
                 raise
-        if self.resumed:
-            client.update_run(self._run_id, status="RUNNING")
-        return client
+            if self.resumed:
+                client.update_run(self._run_id, status="RUNNING")
+        self._journaled = JournaledClient(client, Journal(self._journal_path, self.tracking_uri))
+        return self._journaled
+
+    def _journal_path(self) -> Path:
+        if self.journal_dir is not None:
+            return self.journal_dir / "mlflow-journal.jsonl"
+        return Path(f"mlflow-journal-{self.run_id}.jsonl")
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any]) -> None:
@@ -151,22 +174,32 @@ class MLflowLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (checkpoints are not uploaded: the
         run is meant to be resumed); FAILED on any other error, with the error as the ``error`` tag and its
-        traceback as ``error.txt``.
+        traceback as ``error.txt``. Records kept while the tracking store was unreachable are sent now, or their
+        journal named.
 
         Lightning reports every exception, SIGTERM and Ctrl-C included, as ``finalize("failed")`` from inside
         its exception handler (lightning/pytorch/trainer/call.py, ``_interrupt``): the exception being handled
-        tells them apart.
+        tells them apart. (Lightning's own ``finalize`` reads the run first, which fails while the store is away.)
         """
         if not self._initialized:
             return
         error = sys.exc_info()[1] if status == "failed" else None
         if isinstance(error, (KeyboardInterrupt, SIGTERMException)):
             self.experiment.set_terminated(self.run_id, "KILLED")
-            return
-        if error is not None:
-            message = " ".join(str(error).split()) or type(error).__name__
-            self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {message}"[:5000])
-            self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
-        for callback in self._checkpoint_callbacks.values():
-            self._scan_and_log_checkpoints(callback)
-        super().finalize(status)
+        else:
+            if error is not None:
+                message = " ".join(str(error).split()) or type(error).__name__
+                self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {message}"[:5000])
+                self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
+            for callback in [*self._checkpoint_callbacks.values(), *filter(None, [self._checkpoint_callback])]:
+                self._scan_and_log_checkpoints(callback)
+            self.experiment.set_terminated(self.run_id, "FAILED" if status == "failed" else "FINISHED")
+        journal = self.experiment.journal
+        if journal.pending:
+            journal.flush(self.experiment._client)  # the store was unreachable a moment ago: once more, now
+        if journal.pending:
+            rank_zero_warn(
+                f"the MLflow tracking store {self.tracking_uri} is unreachable: {journal.pending} records of run "
+                f"{self.run_id} are kept in {journal.path}; once it is up, send them with: "
+                f"python -m lm_lightning.tracking.journal {journal.path}"
+            )
