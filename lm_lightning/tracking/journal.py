@@ -25,6 +25,7 @@ from lm_lightning.files import atomic_write_text
 
 # The client methods that write to a run; the others (reads) are not journaled.
 WRITES = ("log_batch", "log_metric", "log_param", "set_tag", "log_text", "log_artifact", "log_artifacts", "set_terminated", "update_run")
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
 RETRY_AFTER_S = 10.0  # after a failed write, further writes go straight to the journal for this long
 # MLflow retries a request for minutes by default (7 retries, backoff factor 2, 120 s timeout).
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -95,6 +96,11 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def _metrics_only(entry: dict) -> bool:
+    """Lightning's metric writes: ``log_batch(run_id=..., metrics=[...])``."""
+    return entry["method"] == "log_batch" and not entry["args"] and set(entry["kwargs"]) == {"run_id", "metrics"}
+
+
 class Journal:
     """The writes to one MLflow run that could not reach the tracking store, in order (``<path>``, JSON lines),
     and copies of the files they upload (``<path>.files/``)."""
@@ -131,14 +137,27 @@ class Journal:
             f.write(line + "\n")
 
     def replay(self, client) -> int:
-        """Send the kept calls through ``client``, oldest first; those that fail stay. The number sent."""
+        """Send the kept calls through ``client``, oldest first (consecutive metrics in one request); those that
+        fail stay. The number sent."""
         entries = self._entries()
-        for done, entry in enumerate(entries):
+        done = 0
+        while done < len(entries):
+            batch, n = 1, len(entries[done]["kwargs"].get("metrics", []))
+            while done + batch < len(entries) and _metrics_only(entries[done]) and _metrics_only(entries[done + batch]):
+                n += len(entries[done + batch]["kwargs"]["metrics"])
+                if n > MAX_METRICS_PER_BATCH:
+                    break
+                batch += 1
             try:
-                getattr(client, entry["method"])(*_decode(entry["args"]), **_decode(entry["kwargs"]))
+                if batch > 1:
+                    metrics = [m for e in entries[done : done + batch] for m in _decode(e["kwargs"]["metrics"])]
+                    client.log_batch(entries[done]["kwargs"]["run_id"], metrics=metrics)
+                else:
+                    getattr(client, entries[done]["method"])(*_decode(entries[done]["args"]), **_decode(entries[done]["kwargs"]))
             except BaseException:
                 atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in entries[done:]), "MLflow journal")
                 raise
+            done += batch
         if entries:
             self.path.unlink()
             shutil.rmtree(self.files, ignore_errors=True)

@@ -200,6 +200,6 @@ class MLflowLogger(MLFlowLogger):
         if journal.pending:
             rank_zero_warn(
                 f"the MLflow tracking store {self.tracking_uri} is unreachable: {journal.pending} records of run "
-                f"{self.run_id} are kept in {journal.path}; once it is up, send them with: "
-                f"python -m lm_lightning.tracking.journal {journal.path}"
+                f"{self.run_id} are kept in {journal.path.resolve()}; once it is up, send them with: "
+                f"python -m lm_lightning.tracking.journal {journal.path.resolve()}"
             )
