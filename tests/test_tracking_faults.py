@@ -119,7 +119,7 @@ def test_journal_keeps_writes_in_order_and_sends_them_when_the_store_is_back(tmp
     client = JournaledClient(flaky, Journal(tmp_path / "j.jsonl", "http://127.0.0.1:1"))
     for step in range(5):
         with pytest.warns(UserWarning, match="cannot reach") if step == 0 else nullcontext():
-            client.log_batch("run", metrics=[Metric("train/loss", float(step), 0, step)])
+            client.log_batch(run_id="run", metrics=[Metric("train/loss", float(step), 0, step)])
     # steps 0-2 replayed (in one request) before step 3
     assert flaky.calls == [[("train/loss", float(s), s) for s in range(3)], [("train/loss", 3.0, 3)], [("train/loss", 4.0, 4)]]
     assert not (tmp_path / "j.jsonl").exists()
