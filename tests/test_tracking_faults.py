@@ -141,3 +141,19 @@ def test_a_tracking_database_that_is_not_one_is_one_line(corpus, tiny_config, tm
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'mlflow.db'} is not an SQLite database, so not an MLflow one; move it away or set another tracking URI"
     )
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(corpus, tiny_config, mlflow_store, tmp_path, capsys):
+    from conftest import CHINESE, run_main
+
+    assert run_main("fit", "--config", str(tiny_config), "--data.path", str(corpus), "--trainer.max_steps", "5", "--samples.prompts", "[]") == 0
+    client = MlflowClient(mlflow_store)
+    before = only_run(client, "lm_lightning")
+    other = tmp_path / "other.txt"
+    other.write_text(CHINESE * 200, encoding="utf-8")
+    code = run_main("fit", "--config", str(tiny_config), "--data.path", str(other), "--trainer.max_steps", "10", "--ckpt_path", "last")
+    assert code == 2
+    assert "tokenizer differs" in capsys.readouterr().err.strip().splitlines()[-1]
+    after = only_run(client, "lm_lightning")
+    assert after.info.status == before.info.status == "FINISHED"
+    assert "error" not in after.data.tags

@@ -100,6 +100,7 @@ class MLflowLogger(MLFlowLogger):
         self._checkpoint_callbacks: dict[str, ModelCheckpoint] = {}
         self.journal_dir: Path | None = None  # set by LastCheckpoint: the run's folder, next to its checkpoints
         self._journaled: JournaledClient | None = None
+        self._status_before = "FINISHED"  # of a resumed run, when it is opened
         bound_http_retries()
         with store_init_lock(self.tracking_uri):
             super().__init__(
@@ -131,6 +132,7 @@ class MLflowLogger(MLFlowLogger):
                     raise UserError(message) from None
                 raise
             if self.resumed:
+                self._status_before = client.get_run(self._run_id).info.status
                 client.update_run(self._run_id, status="RUNNING")
         self._journaled = JournaledClient(client, Journal(self._journal_path, self.tracking_uri))
         return self._journaled
@@ -174,7 +176,8 @@ class MLflowLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (checkpoints are not uploaded: the
         run is meant to be resumed); FAILED on any other error, with the error as the ``error`` tag and its
-        traceback as ``error.txt``. Records kept while the tracking store was unreachable are sent now, or their
+        traceback as ``error.txt``; a resumed run refused for a user's error (another corpus, say) keeps the status
+        it had. Records kept while the tracking store was unreachable are sent now, or their
         journal named.
 
         Lightning reports every exception, SIGTERM and Ctrl-C included, as ``finalize("failed")`` from inside
@@ -186,6 +189,8 @@ class MLflowLogger(MLFlowLogger):
         error = sys.exc_info()[1] if status == "failed" else None
         if isinstance(error, (KeyboardInterrupt, SIGTERMException)):
             self.experiment.set_terminated(self.run_id, "KILLED")
+        elif isinstance(error, UserError) and self.resumed:  # a refused resume: the run stays as it was
+            self.experiment.update_run(self.run_id, status=self._status_before)
         else:
             if error is not None:
                 message = " ".join(str(error).split()) or type(error).__name__
