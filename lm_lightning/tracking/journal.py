@@ -214,6 +214,10 @@ class JournaledClient:
             return attribute
         return lambda *args, **kwargs: self.journal.call(self._client, name, *args, **kwargs)
 
+    def flush(self) -> bool:
+        """Send the journal now; whether it is empty after."""
+        return self.journal.flush(self._client)
+
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m lm_lightning.tracking.journal JOURNAL``: send a run's kept records to its tracking store."""

@@ -200,9 +200,7 @@ class MLflowLogger(MLFlowLogger):
                 self._scan_and_log_checkpoints(callback)
             self.experiment.set_terminated(self.run_id, "FAILED" if status == "failed" else "FINISHED")
         journal = self.experiment.journal
-        if journal.pending:
-            journal.flush(self.experiment._client)  # the store was unreachable a moment ago: once more, now
-        if journal.pending:
+        if journal.pending and not self.experiment.flush():  # the store was away a moment ago: once more, now
             rank_zero_warn(
                 f"the MLflow tracking store {self.tracking_uri} is unreachable: {journal.pending} records of run "
                 f"{self.run_id} are kept in {journal.path.resolve()}; once it is up, send them with: "
