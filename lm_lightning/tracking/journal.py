@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,8 +129,8 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if method in ("log_artifact", "log_artifacts"):
             args, local = list(args), Path(args[1])
-            copy = self.files / f"{len(self._entries()):06d}" / local.name
-            copy.parent.mkdir(parents=True, exist_ok=True)
+            self.files.mkdir(parents=True, exist_ok=True)
+            copy = Path(tempfile.mkdtemp(dir=self.files)) / local.name
             (shutil.copytree if local.is_dir() else shutil.copy2)(local, copy)
             args[1] = str(copy)
         line = json.dumps({"uri": self.tracking_uri, "method": method, "args": _encode(args), "kwargs": _encode(kwargs)})
