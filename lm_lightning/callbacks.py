@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -166,6 +167,16 @@ class TextSamples(L.Callback):
         log_samples(logger, trainer.global_step, self.prompts, texts)
 
 
+class ValidateLastStep(L.Callback):
+    """Validates the last step of a step-based fit when ``val_check_interval`` would not: a run shorter than
+    ``val_check_interval`` still ends with validation metrics, ``best.ckpt`` and its MLflow model, and the
+    ``last.ckpt`` a run ends with is written after its last validation (see ``LastCheckpoint``)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and trainer.limit_val_batches != 0:
+            trainer.should_stop = True  # Lightning validates the step that stops training (``_should_check_val_fx``)
+
+
 class ResumeState(L.Callback):
     """Adds to every checkpoint what Lightning leaves out and an exact resume needs: the states of the random
     number generators (dropout masks continue as if never stopped) and the MLflow run id (lightning issue 6205).
@@ -204,10 +215,23 @@ class LastCheckpoint(ModelCheckpoint):
             dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps, enable_version_counter=False
         )
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if (logger := mlflow_logger(trainer)) is not None and hasattr(logger, "journal_dir"):
+            logger.journal_dir = Path(self.dirpath).parent  # MLflow records kept while its server is away
+
     def _save_last_now(self, trainer: L.Trainer) -> None:
         # ModelCheckpoint's own private steps of a save (pinned by tests/test_lightning_internals.py): there is
         # no public "save last now".
         if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # The step a fit ends on (see ValidateLastStep) is saved after its validation, as a mid-run save is: a
+        # checkpoint written when training ends holds a finished epoch, which Lightning continues one logged step
+        # late, and one written before the validation would validate the step again.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -34,7 +34,8 @@ def _read_prompt(prompt: str, prompt_file: str | None) -> str:
     path = Path(prompt_file)
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist; pass an existing UTF-8 file, or - for standard input")
-    return path.read_text(encoding="utf-8")
+    with open(path, encoding="utf-8", newline="") as f:  # byte for byte: CRLF and CR stay as they are
+        return f.read()
 
 
 def generate(

@@ -65,9 +65,11 @@ def next_token(
 ) -> torch.Tensor:
     """One token id per row of ``logits`` ``(B, V)``: the most likely at temperature 0, else a sample
     from the ``top_k`` most likely tokens and the smallest set of them whose probability reaches ``top_p``."""
-    if temperature == 0:
+    scaled = logits.float() / temperature if temperature else logits
+    # Greedy at 0, and at a temperature so small that the scaled logits overflow (1e-38): the limit is the same.
+    if temperature == 0 or not torch.isfinite(scaled[torch.isfinite(logits)]).all():
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = scaled
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

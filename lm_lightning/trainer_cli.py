@@ -14,6 +14,7 @@ from lm_lightning.callbacks import (
     StepProgressBar,
     TextSamples,
     TokensPerSecond,
+    ValidateLastStep,
 )
 from lm_lightning.cli import did_you_mean, option_strings
 from lm_lightning.data import TextDataModule
@@ -27,7 +28,7 @@ from lm_lightning.scoring import adopt_checkpoint
 from lm_lightning.tracking.logger import MLflowLogger, mlflow_logger
 from lm_lightning.tracking.names import name_run
 from lm_lightning.tracking.records import MLflowConfig, MLflowRunInfo
-from lm_lightning.tracking.runs import resolve_ckpt_path
+from lm_lightning.tracking.runs import check_tracking_store, resolve_ckpt_path
 
 
 class LMCLI(LightningCLI):
@@ -65,6 +66,7 @@ class LMCLI(LightningCLI):
         if not subcommand:
             return
         config, tags = self.config[subcommand], {}
+        check_tracking_store(config)
         if subcommand in ("validate", "test"):
             if config.ckpt_path in (None, "last"):
                 raise UserError(f"{subcommand} scores a checkpoint: pass --ckpt_path path/to/best.ckpt")
@@ -126,7 +128,9 @@ def run_trainer_cli(args: list[str] | None) -> None:
         TextDataModule,
         seed_everything_default=1337,
         # Always present, in addition to any trainer.callbacks in the config.
-        trainer_defaults={"callbacks": [TokensPerSecond(), BestScores(), MLflowRunInfo(), ResumeState(), GracefulCtrlC()]},
+        trainer_defaults={
+            "callbacks": [TokensPerSecond(), BestScores(), MLflowRunInfo(), ResumeState(), GracefulCtrlC(), ValidateLastStep()]
+        },
         auto_configure_optimizers=False,  # LanguageModel.configure_optimizers owns AdamW and its schedule
         save_config_callback=MLflowConfig,
         save_config_kwargs={"save_to_log_dir": False},

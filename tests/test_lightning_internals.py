@@ -38,6 +38,7 @@ def test_fit_loop_batch_progress_counter():
     assert trainer.fit_loop.epoch_loop.batch_progress.current.processed == 0
     # callbacks.BestScores logs best/* at the step val/* is logged at: the epoch loop's logging counter.
     assert trainer.fit_loop.epoch_loop._batches_that_stepped == 0
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.processed == 0
 
 
 def test_exceptions_reach_loggers_as_finalize_failed():

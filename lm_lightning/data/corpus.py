@@ -4,8 +4,10 @@ streams of documents in bounded memory."""
 from __future__ import annotations
 
 import glob as globlib
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 from lm_lightning.errors import UserError
 
 BUILTIN_CORPUS = "builtin:pydoc_data"
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")  # each also read gzip-compressed, as .txt.gz
 READ_BLOCK = 8 << 20  # bytes read at a time: bounded memory whatever the file size
 _PIECE_CHARS = 16 << 10  # characters per piece of text handed to the tokenizer
 
@@ -45,7 +47,7 @@ def resolve_sources(path: str | None) -> list[Source]:
         files = sorted(p for p in globlib.glob(expanded, recursive=True) if os.path.isfile(p))
     elif os.path.isdir(expanded):
         files = sorted(
-            str(p) for p in Path(expanded).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+            str(p) for p in Path(expanded).rglob("*") if p.is_file() and p.name.lower().removesuffix(".gz").endswith(TEXT_SUFFIXES)
         )
     elif os.path.isfile(expanded):
         files = [expanded]
@@ -68,22 +70,37 @@ def _builtin_topics() -> list[tuple[str, str]]:
     return sorted(topics.items())
 
 
+# The first bytes of compressed files that are not read as such.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip"}
+
+
 def _decode(block: bytes, path: str, offset: int) -> str:
     try:
         return block.decode("utf-8")
     except UnicodeDecodeError as e:
+        kind = next((name for magic, name in _COMPRESSED.items() if offset == 0 and block.startswith(magic)), None)
+        if kind is not None:
+            hint = "name it .gz" if kind == "gzip" else "decompress it"
+            raise DataError(f"{path} is {kind}-compressed; {hint} (gzip files ending in .gz are read as they are)") from None
         raise DataError(
             f"{path} is not UTF-8: undecodable byte 0x{block[e.start]:02x} at byte offset {offset + e.start}; "
             "convert it (e.g. iconv -f GB18030 -t UTF-8) or remove it from data.path"
         ) from None
 
 
+def _read_block(f, path: str) -> bytes:
+    try:
+        return f.read(READ_BLOCK)
+    except (OSError, EOFError, zlib.error) as e:  # a .gz file that is not gzip, or is cut short
+        raise DataError(f"{path} is not a whole gzip file ({e}); fix it, or remove it from data.path") from None
+
+
 def _read_blocks(path: str) -> Iterator[str]:
     """Stream a text file as decoded blocks of about ``READ_BLOCK`` bytes, each cut at a line end."""
     offset = 0
     rest = b""
-    with open(path, "rb") as f:
-        while block := f.read(READ_BLOCK):
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+        while block := _read_block(f, path):
             block = rest + block
             cut = block.rfind(b"\n") + 1
             if cut == 0:  # no line end yet: keep reading, a line is never split mid-character
@@ -131,7 +148,7 @@ def iter_documents(source: Source, jsonl_field: str) -> Iterator[Iterable[str]]:
     """Yield each document of ``source`` as an iterable of text pieces (a text file's lines)."""
     if source.path.startswith(BUILTIN_CORPUS):
         yield [dict(_builtin_topics())[source.path.split("/", 1)[1]]]
-    elif source.path.lower().endswith(".jsonl"):
+    elif source.path.lower().removesuffix(".gz").endswith(".jsonl"):
         for doc in _read_jsonl_documents(source.path, jsonl_field):
             yield [doc]
     else:

@@ -133,18 +133,20 @@ class TextDataModule(L.LightningDataModule):
         tokens = self.tokens["train"]
         dataset = TrainWindows(tokens, hp.block_size, hp.batch_size, hp.seed, rank)
         trainer = self.trainer
-        if trainer is not None and trainer.max_steps > 0:
-            # Training is step-based: one "epoch" is the whole run, so the progress bar counts steps.
-            num_batches = trainer.max_steps * trainer.accumulate_grad_batches
-        else:  # an epoch draws as many windows as the split has tokens
-            num_batches = max(1, len(tokens) // (hp.batch_size * hp.block_size))
+        step_based = trainer is not None and trainer.max_steps > 0
+        # Step-based: one endless "epoch", batches keyed by their index in the run (see ResumableSampler).
+        # Otherwise an epoch draws as many windows as the split has tokens.
+        epoch_batches = max(1, len(tokens) // (hp.batch_size * hp.block_size))
+        sampler = ResumableSampler(None if step_based else epoch_batches, epoch=trainer.current_epoch if trainer is not None else 0)
 
         def consumed() -> int:
-            # Batches of this epoch the fit loop has finished: Lightning's progress counter (internal API,
-            # pinned by tests/test_lightning_internals.py), which it restores on resume.
-            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+            # Batches the fit loop has finished, in the run or in this epoch: Lightning's progress counters
+            # (internal API, pinned by tests/test_lightning_internals.py), which it restores on resume.
+            if trainer is None:
+                return 0
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            return progress.total.processed if step_based else progress.current.processed
 
-        sampler = ResumableSampler(num_batches, epoch=trainer.current_epoch if trainer is not None else 0)
         return ResumableLoader(dataset, sampler=sampler, batch_size=None, consumed=consumed, **self._loader_kwargs())
 
     def val_dataloader(self, split: str = "val") -> DataLoader:

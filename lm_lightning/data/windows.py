@@ -3,6 +3,7 @@ run would, the loader Lightning checkpoints for that, and the validation windows
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -36,11 +37,16 @@ class TrainWindows(Dataset):
 class ResumableSampler(Sampler):
     """Yields batch keys ``(epoch, i)`` for ``i`` in ``[0, num_batches)``; Lightning sets the epoch.
 
-    After ``resume_at(epoch, start)``, passes over that epoch start at batch ``start``; the next epoch is whole.
-    The resume point is not used up by a first ``iter()``: a DataLoader with workers calls it twice per pass.
+    ``num_batches=None`` (step-based training): an endless stream of keys ``(0, i)``, ``i`` counting the run's
+    batches, so batch ``i`` does not depend on ``max_steps`` nor on where a run stopped: training on with a
+    larger ``max_steps`` draws what a longer run would have. ``max_steps`` ends training, not the data.
+
+    After ``resume_at(epoch, start)``, passes over that epoch start at batch ``start`` (an endless stream:
+    whatever the epoch); the next epoch is whole. The resume point is not used up by a first ``iter()``: a
+    DataLoader with workers calls it twice per pass.
     """
 
-    def __init__(self, num_batches: int, epoch: int = 0):
+    def __init__(self, num_batches: int | None, epoch: int = 0):
         self.num_batches = num_batches
         self.epoch = epoch
         self._resume: tuple[int, int] | None = None
@@ -53,9 +59,13 @@ class ResumableSampler(Sampler):
         self._resume = (epoch, start)
 
     def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an endless sampler has no length")  # what Lightning and DataLoader take for endless
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.num_batches is None:
+            return ((0, i) for i in itertools.count(self._resume[1] if self._resume is not None else 0))
         # The epoch is read now, not per item: workers fetch keys ahead of Lightning's set_epoch.
         epoch = self.epoch
         start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
@@ -65,7 +75,8 @@ class ResumableSampler(Sampler):
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning checkpoints (it has ``state_dict``), so a resumed run continues mid-epoch.
 
-    ``consumed`` reports how many batches of the current epoch the training loop has finished; the
+    ``consumed`` reports how many batches of the current epoch (of the run, with an endless sampler) the
+    training loop has finished; the
     loader itself cannot count them, as workers and Lightning's fetcher read ahead. Its state names the
     next batch to train on, so it does not depend on ``num_workers``. (torchdata's ``StatefulDataLoader``
     would add a dependency, and its state counts what its workers fetched ahead, not what was trained on.)
@@ -77,7 +88,7 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         epoch, consumed = self.sampler.epoch, int(self._consumed())
-        if consumed >= self.sampler.num_batches:  # saved at the end of an epoch: the next one starts from 0
+        if self.sampler.num_batches is not None and consumed >= self.sampler.num_batches:  # saved at the end of an epoch: the next one starts from 0
             epoch, consumed = epoch + 1, 0
         return {"epoch": epoch, "consumed": consumed}
 

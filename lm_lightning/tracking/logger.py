@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_lightning.errors import UserError
+from lm_lightning.tracking.journal import Journal, JournaledClient, bound_http_retries, store_errors
 from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri, store_init_lock  # noqa: F401 (re-exported)
 
 
@@ -50,6 +52,10 @@ class MLflowLogger(MLFlowLogger):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name = experiment_name
         self.resumed = run_id is not None
+        self.journal_dir: Path | None = None  # set by LastCheckpoint: the run's folder, next to its checkpoints
+        self._journaled: JournaledClient | None = None
+        self._status_before = "FINISHED"  # of a resumed run, when it is opened
+        bound_http_retries()
         with store_init_lock(self.tracking_uri):
             super().__init__(
                 experiment_name=experiment_name,
@@ -63,23 +69,32 @@ class MLflowLogger(MLFlowLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        """The ``MlflowClient``. Its first use creates the experiment and the run, or sets a resumed run back to
-        RUNNING; under ``store_init_lock``, as two runs started at once would both create the experiment."""
-        if self._initialized:
-            return super().experiment
+        """The ``MlflowClient``, its writes to the run journaled while the tracking store cannot be reached (see
+        ``tracking/journal.py``). Its first use creates the experiment and the run, or sets a resumed run back to
+        RUNNING, under ``store_init_lock``, as two runs started at once would both create the experiment; a store
+        that cannot be reached then is one line naming it."""
+        if self._journaled is not None:
+            return self._journaled
         from mlflow.exceptions import MlflowException
 
-        with store_init_lock(self.tracking_uri):
+        with store_init_lock(self.tracking_uri), store_errors(self.tracking_uri):
             try:
                 client = super().experiment
-            except MlflowException:
-                if self.resumed:
+            except MlflowException as e:
+                if self.resumed and e.error_code == "RESOURCE_DOES_NOT_EXIST":
                     message = f"MLflow run {self._run_id} does not exist in {self.tracking_uri}; unset its run_id"
                     raise UserError(message) from None
                 raise
-        if self.resumed:
-            client.update_run(self._run_id, status="RUNNING")
-        return client
+            if self.resumed:
+                self._status_before = client.get_run(self._run_id).info.status
+                client.update_run(self._run_id, status="RUNNING")
+        self._journaled = JournaledClient(client, Journal(self._journal_path, self.tracking_uri))
+        return self._journaled
+
+    def _journal_path(self) -> Path:
+        if self.journal_dir is not None:
+            return self.journal_dir / "mlflow-journal.jsonl"
+        return Path(f"mlflow-journal-{self.run_id}.jsonl")
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any]) -> None:
@@ -110,22 +125,32 @@ class MLflowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (the run is meant to be
-        resumed); FAILED on any other error, with the error as the ``error`` tag and its
-        traceback as ``error.txt``.
+        """Ends the run: FINISHED; KILLED when stopped by SIGTERM or Ctrl-C (the run is meant to be resumed);
+        FAILED on any other error, with the error as the ``error`` tag and its traceback as ``error.txt``; a
+        resumed run refused for a user's error (another corpus, say) keeps the status it had. Records kept while
+        the tracking store was unreachable are sent now, or their journal named.
 
         Lightning reports every exception, SIGTERM and Ctrl-C included, as ``finalize("failed")`` from inside
         its exception handler (lightning/pytorch/trainer/call.py, ``_interrupt``): the exception being handled
-        tells them apart.
+        tells them apart. (Lightning's own ``finalize`` reads the run first, which fails while the store is away.)
         """
         if not self._initialized:
             return
         error = sys.exc_info()[1] if status == "failed" else None
         if isinstance(error, (KeyboardInterrupt, SIGTERMException)):
             self.experiment.set_terminated(self.run_id, "KILLED")
-            return
-        if error is not None:
-            message = " ".join(str(error).split()) or type(error).__name__
-            self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {message}"[:5000])
-            self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
-        super().finalize(status)
+        elif isinstance(error, UserError) and self.resumed:  # a refused resume: the run stays as it was
+            self.experiment.update_run(self.run_id, status=self._status_before)
+        else:
+            if error is not None:
+                message = " ".join(str(error).split()) or type(error).__name__
+                self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {message}"[:5000])
+                self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
+            self.experiment.set_terminated(self.run_id, "FAILED" if status == "failed" else "FINISHED")
+        journal = self.experiment.journal
+        if journal.pending and not self.experiment.flush():  # the store was away a moment ago: once more, now
+            rank_zero_warn(
+                f"the MLflow tracking store {self.tracking_uri} is unreachable: {journal.pending} records of run "
+                f"{self.run_id} are kept in {journal.path.resolve()}; once it is up, send them with: "
+                f"python -m lm_lightning.tracking.journal {journal.path.resolve()}"
+            )

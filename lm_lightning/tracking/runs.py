@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lm_lightning.checkpoint import LAST, RUN_ID_KEY, check_shape, load_checkpoint
-from lm_lightning.tracking.logger import mlflow_client, resolve_tracking_uri
+from lm_lightning.tracking.store import check_store, mlflow_client, resolve_tracking_uri
 
 def _mlflow_logger_args(logger_config: Any) -> Namespace | None:
     """The ``init_args`` of the configured logger if it is an MLflow logger, else ``None``."""
@@ -25,6 +25,12 @@ def _mlflow_logger_args(logger_config: Any) -> Namespace | None:
     module, name = logger_config.class_path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
     return logger_config.init_args if issubclass(cls, MLFlowLogger) else None
+
+
+def check_tracking_store(config: Namespace) -> None:
+    """Refuse a tracking database that is not one before anything opens it (see ``check_store``)."""
+    if (logger_args := _mlflow_logger_args(config.trainer.logger)) is not None:
+        check_store(resolve_tracking_uri(logger_args.tracking_uri))
 
 
 def _client(logger_args: Namespace):

@@ -12,9 +12,11 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from lm_lightning.generate import TextGenerator
+from lm_lightning.generate import Sampling, SamplingError, TextGenerator
 
 
 class TextGenerationModel(PythonModel):
@@ -23,8 +25,17 @@ class TextGenerationModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """The continuation of each prompt (the first column of ``model_input``), under the ``Sampling``
-        settings in ``params`` (the model's signature lists them, with defaults)."""
-        return [self.generator.generate(prompt, **(params or {}))[0] for prompt in model_input.iloc[:, 0]]
+        settings in ``params`` (the model's signature lists them, with defaults). A bad request raises
+        ``INVALID_PARAMETER_VALUE``, which the scoring server answers with HTTP 400 and its one-line message."""
+        prompts = list(model_input.iloc[:, 0])
+        if bad := [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)]:
+            message = f"input {bad[0]} is {prompts[bad[0]]!r}, not a string; send text (\"\" starts a new document)"
+            raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+        try:
+            Sampling(**(params or {}))
+        except SamplingError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        return [self.generator.generate(prompt, **(params or {}))[0] for prompt in prompts]
 
 
 mlflow.models.set_model(TextGenerationModel())

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lm_lightning.errors import UserError
 from lm_lightning.files import file_lock
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -33,6 +34,17 @@ def store_init_lock(tracking_uri: str) -> Iterator[None]:
     database = Path(tracking_uri[len("sqlite:///") :])
     with file_lock(database.with_name(database.name + ".lock")):
         yield
+
+
+def check_store(tracking_uri: str) -> None:
+    """Refuse an sqlite tracking database that is not one, naming it (MLflow's own error is a parser message)."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
+        return
+    database = Path(tracking_uri[len("sqlite:///") :])
+    if database.is_file() and database.stat().st_size:
+        with open(database, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise UserError(f"{database} is not an SQLite database, so not an MLflow one; move it away or set another tracking URI")
 
 
 def mlflow_client(tracking_uri: str):
