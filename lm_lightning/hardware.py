@@ -14,7 +14,7 @@ from lm_lightning.files import atomic_write_text, cache_root, file_lock
 PEAKS_FILE = "peak_flops.json"
 # Narrowest model for which bf16 autocast trains faster than fp32 on a CPU with bf16 units
 # (benchmarks/precision_width.py): below it the casts cost more than the bf16 matmuls save.
-BF16_MIN_WIDTH = 384
+BF16_MIN_WIDTH = 256
 
 
 def cpu_name() -> str:
