@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                       # small and medium shapes, fp32 and bf16
     python benchmarks/train_throughput.py --shapes small --precisions 32-true --compile
+    python benchmarks/train_throughput.py --shapes small modern-small modern-small-adamw --precisions 32-true
     python benchmarks/train_throughput.py --device cuda --shapes gpt2-small --precisions bf16-mixed --compile_only
 
 For each shape and precision it runs, in this one process and alternating, a plain loop (forward,
@@ -33,13 +34,20 @@ from lm_lightning.data.windows import ResumableLoader, ResumableSampler, TrainWi
 from lm_lightning.hardware import peak_flops, precision_dtype
 from lm_lightning.tracking.logger import MLflowLogger
 from lm_lightning.module import LanguageModel
-from lm_lightning.optim import warmup_cosine
+from lm_lightning.optim import build_optimizer, warmup_cosine
 
 SHAPES = {
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=512),
-    "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=12, vocab_size=512),
-    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50304),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=512, steps=300),
+    "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=12, vocab_size=512, steps=60),
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50304, steps=200),
 }
+# The modern family (conf/model/modern.yaml) at the small and medium shapes, with Muon and, to isolate
+# Muon's cost per step (Newton-Schulz iterations on every block matrix), with AdamW.
+MODERN = dict(pos_embedding="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, bias=False, tie_embeddings=False,
+              zero_init_proj=True)
+for size in ("small", "medium"):
+    SHAPES[f"modern-{size}"] = dict(SHAPES[size], model=dict(MODERN, optimizer="muon"))
+    SHAPES[f"modern-{size}-adamw"] = dict(SHAPES[size], model=dict(MODERN, optimizer="adamw"))
 
 
 def sync(device: torch.device) -> None:
@@ -67,7 +75,7 @@ def batches(shape: dict, steps: int) -> ResumableLoader:
 
 def model_args(shape: dict, compile: bool) -> dict:
     keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    return dict(warmup_steps=10, dropout=0.0, compile=compile, **{k: shape[k] for k in keys})
+    return dict(warmup_steps=10, dropout=0.0, compile=compile, **{k: shape[k] for k in keys}, **shape.get("model", {}))
 
 
 def window_rates(times: list[float], tokens_per_step: int, window: int, warmup_windows: int) -> list[float]:
@@ -81,10 +89,7 @@ def plain_loop(shape: dict, steps: int, window: int, precision: str, compile: bo
     model = module.model.to(device)
     if compile:
         model.compile()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), fused=True)
+    opt = build_optimizer(model, shape.get("model", {}).get("optimizer", "adamw"), learning_rate=1e-3, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10, steps, 0.1))
     dtype = precision_dtype(precision)
     times = []
@@ -125,9 +130,9 @@ def lightning_loop(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["small", "medium"], choices=list(SHAPES))
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 300 small, 60 medium)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 300 small, 60 medium, 200 gpt2-small)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--compile_only", action="store_true", help="measure torch.compile only")
@@ -142,7 +147,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shape_name in args.shapes:
             shape = SHAPES[shape_name]
-            steps = args.steps or {"small": 300, "medium": 60}.get(shape_name, 200)
+            steps = args.steps or shape["steps"]
             window = max(1, steps // 15)
             tokens_per_step = shape["batch_size"] * shape["block_size"]
             flops_per_token = LanguageModel(**model_args(shape, False)).model.flops_per_token(shape["block_size"])

@@ -12,6 +12,9 @@ import torch
 from lm_lightning.files import atomic_write_text, cache_root, file_lock
 
 PEAKS_FILE = "peak_flops.json"
+# Narrowest model for which bf16 autocast trains faster than fp32 on a CPU with bf16 units
+# (benchmarks/precision_width.py): below it the casts cost more than the bf16 matmuls save.
+BF16_MIN_WIDTH = 256
 
 
 def cpu_name() -> str:
@@ -36,12 +39,14 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def auto_precision(accelerator: str | None) -> str:
-    """bf16 autocast where the hardware runs bf16 matmuls natively (recent GPUs, CPUs with AMX or
-    AVX512-BF16), full fp32 elsewhere: emulated bf16 is slower than fp32."""
+def auto_precision(accelerator: str | None, n_embd: int | None = None) -> str:
+    """bf16 autocast where the hardware runs bf16 matmuls natively (recent GPUs; CPUs with AMX or
+    AVX512-BF16 for models at least ``BF16_MIN_WIDTH`` wide), full fp32 elsewhere: emulated bf16 is
+    slower than fp32, and so is native bf16 on a CPU for narrow models."""
     if accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+    wide = n_embd is None or n_embd >= BF16_MIN_WIDTH
+    return "bf16-mixed" if cpu_has_bf16() and wide else "32-true"
 
 
 def precision_dtype(precision: str | None) -> torch.dtype:

@@ -48,7 +48,7 @@ class LMCLI(LightningCLI):
         if config.model.get("init_from"):
             apply_init_from(config)  # the model's shape and tokenizer come from the source
         if config.trainer.precision in (None, "auto"):
-            config.trainer.precision = auto_precision(config.trainer.accelerator)
+            config.trainer.precision = auto_precision(config.trainer.accelerator, config.model.n_embd)
         # Lightning picks RichProgressBar whenever `rich` happens to be installed, which shows
         # "Epoch 0/-2" for step-based runs; choose the bar here so it does not depend on the environment.
         if config.trainer.enable_progress_bar is not False and not any(
