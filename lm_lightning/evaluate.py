@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint, load_gpt
+from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint
 from lm_lightning.data.cache import iter_batches
 from lm_lightning.data.corpus import DataError, iter_documents, resolve_sources
 from lm_lightning.errors import UserError
-from lm_lightning.export import load_pretrained
 from lm_lightning.model import GPT
-from lm_lightning.tokenizer import EOT, token_bytes
+from lm_lightning.pretrained import load_source
+from lm_lightning.tokenizer import begin_of_text, end_of_text, token_bytes
 
 
 @dataclass
@@ -38,10 +38,12 @@ class Scores:
 def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text") -> tuple[np.ndarray, str]:
     """The ids of every document of ``path`` (as ``data.path`` reads it), each followed by end-of-text, after one
     end-of-text that starts the first document; and the corpus hash that training's token cache records."""
-    eot = tokenizer.token_to_id(EOT)
+    eot, bos = end_of_text(tokenizer), begin_of_text(tokenizer)
     ids, corpus_hash = [np.array([eot])], hashlib.sha256()
     for source in resolve_sources(path):
         for doc in iter_documents(source, jsonl_field):
+            if bos is not None:  # as the token cache: a tokenizer that begins documents (Llama's <s>) begins them here
+                ids.append(np.array([bos]))
             for batch in iter_batches(doc, 256):
                 for text in batch:
                     corpus_hash.update(text.encode("utf-8"))
@@ -95,11 +97,10 @@ def score(
 
 
 def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | None]:
-    """The model and tokenizer of a checkpoint or an exported folder, and the MLflow run that wrote the checkpoint."""
-    if Path(path).is_dir():
-        return (*load_pretrained(path), None)
-    model, tokenizer = load_gpt(path)
-    run_id = load_checkpoint(path, mmap=True).get(RUN_ID_KEY)
+    """The model and tokenizer of a checkpoint, an exported folder or a transformers folder, and the MLflow run that
+    wrote the checkpoint."""
+    model, tokenizer, info = load_source(path)
+    run_id = load_checkpoint(path, mmap=True).get(RUN_ID_KEY) if info.kind == "checkpoint" else None
     return model.to(device), tokenizer, run_id
 
 

@@ -37,6 +37,7 @@ class LanguageModel(L.LightningModule):
         optimizer: Literal["adamw", "muon"] = "adamw",
         learning_rate: float = 1e-3,
         muon_lr: float = 0.02,
+        muon_weight_decay: float | None = None,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
@@ -55,6 +56,8 @@ class LanguageModel(L.LightningModule):
                 weight matrices and AdamW for embeddings, head, norms and biases.
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
             muon_lr: Peak Muon learning rate (with ``optimizer: muon``); it follows the same schedule.
+            muon_weight_decay: Decoupled weight decay of the Muon matrices: each step shrinks them by
+                ``muon_lr * muon_weight_decay``. Unset: ``weight_decay``.
             min_lr_ratio: Learning rate at the end of the cosine decay, as a fraction of the peak (0.1: a tenth).
             warmup_steps: Steps of linear warm-up from 0.
             lr_decay_steps: Step at which the cosine decay reaches its end. Unset: the Trainer's total steps.
@@ -237,7 +240,8 @@ class LanguageModel(L.LightningModule):
         fused = self.device.type in ("cuda", "cpu") and self.trainer.precision not in ("16-mixed", "16-true")
         try:
             optimizer = build_optimizer(
-                self.model, hp.optimizer, hp.learning_rate, hp.muon_lr, hp.weight_decay, tuple(hp.betas), fused
+                self.model, hp.optimizer, hp.learning_rate, hp.muon_lr, hp.weight_decay, tuple(hp.betas), fused,
+                hp.get("muon_weight_decay"),
             )
         except ValueError as e:
             raise ConfigError(f"model.optimizer: {e}") from None

@@ -76,13 +76,15 @@ def build_optimizer(
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.95),
     fused: bool = False,
+    muon_weight_decay: float | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer of ``model``'s trainable parameters.
 
     ``adamw``: AdamW at ``learning_rate``, weight decay on matrices only (not on biases, norms or
     embeddings, as GPT-2 and nanoGPT), ``fused`` where the caller knows the device and precision allow it.
     ``muon``: Muon at ``muon_lr`` (Keller Jordan's lr scale, momentum 0.95, Nesterov, 5 Newton–Schulz
-    steps) for the weights of the blocks' linear layers, with ``weight_decay``; AdamW as above for
+    steps) for the weights of the blocks' linear layers, with ``muon_weight_decay`` (unset: ``weight_decay``;
+    at Muon's ~10x larger learning rate the same value shrinks the matrices ~10x faster); AdamW as above for
     embeddings, the head, norms and biases. Weight decay is decoupled in both (``p -= lr * wd * p``).
     A scheduler's factor multiplies every group's learning rate.
     """
@@ -107,7 +109,8 @@ def build_optimizer(
     adamw_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if optimizer == "adamw":
         return torch.optim.AdamW(adamw_groups, **adamw)
-    muon = dict(lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True)
+    muon_wd = weight_decay if muon_weight_decay is None else muon_weight_decay
+    muon = dict(lr=muon_lr, weight_decay=muon_wd, momentum=0.95, nesterov=True)
     return MuonAdamW([{"params": muon_params}], adamw_groups, muon=muon, adamw=adamw)
 
 

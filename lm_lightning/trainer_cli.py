@@ -20,7 +20,7 @@ from lm_lightning.cli import did_you_mean, option_strings
 from lm_lightning.data import TextDataModule
 from lm_lightning.data.corpus import DataError
 from lm_lightning.data.datamodule import NO_TEST_SPLIT
-from lm_lightning.errors import UserError
+from lm_lightning.errors import ConfigError, UserError
 from lm_lightning.hardware import auto_precision
 from lm_lightning.module import LanguageModel
 from lm_lightning.pretrained import apply_init_from
@@ -47,6 +47,9 @@ class LMCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.model.get("init_from"):
             apply_init_from(config)  # the model's shape and tokenizer come from the source
+        if config.model.optimizer == "muon" and "fsdp" in str(config.trainer.strategy).lower():
+            # FSDP flattens parameters: Muon needs whole matrices. Said now, before any tokenizing.
+            raise ConfigError("model.optimizer=muon needs whole weight matrices, which FSDP shards; use DDP or model.optimizer=adamw")
         if config.trainer.precision in (None, "auto"):
             config.trainer.precision = auto_precision(config.trainer.accelerator, config.model.n_embd)
         # Lightning picks RichProgressBar whenever `rich` happens to be installed, which shows

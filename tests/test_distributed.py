@@ -1,6 +1,7 @@
 """DDP with 2 CPU processes (gloo) through the real CLI."""
 
 import os
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,8 +11,10 @@ from conftest import run_cli
 
 def test_ddp_trains_logs_one_run_and_validates_like_one_process(corpus, tiny_config, tmp_path):
     common = ["--config", str(tiny_config), "--data.path", str(corpus), "--trainer.accelerator", "cpu"]
+    # The modern family with Muon: Muon's step must see DDP's averaged gradients like AdamW's does.
+    modern = ["--config", str(Path(__file__).parents[1] / "conf" / "model" / "modern.yaml")]
     ddp = run_cli(
-        "fit", *common, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "fit", *common, *modern, "--trainer.strategy", "ddp", "--trainer.devices", "2",
         "--trainer.max_steps", "10", "--trainer.val_check_interval", "10",
         "--trainer.logger.init_args.experiment_name", "ddp",
     )
@@ -25,7 +28,7 @@ def test_ddp_trains_logs_one_run_and_validates_like_one_process(corpus, tiny_con
     assert [m.step for m in losses] == [9]  # one validation, logged once (rank 0)
 
     single = run_cli(
-        "validate", *common, "--trainer.devices", "1", "--ckpt_path", run.data.tags["best_checkpoint"],
+        "validate", *common, *modern, "--trainer.devices", "1", "--ckpt_path", run.data.tags["best_checkpoint"],
         "--trainer.logger.init_args.experiment_name", "single",
     )
     assert single.returncode == 0, single.stderr[-3000:]

@@ -30,6 +30,7 @@ def test_mlflow_logger_private_state(tmp_path):
     assert logger._initialized is False
     assert logger._run_id == "abc"
     assert logger._log_model is True
+    assert logger._tracking_uri.startswith("sqlite:")  # tracking.records.ui_address
 
 
 def test_fit_loop_batch_progress_counter():

@@ -25,7 +25,9 @@ def one_thread_children(monkeypatch):
 
 
 def sweep(tiny_config: Path, corpus: Path, space: dict, *flags: str):
+    # No text samples and no servable model per trial: what a trial records beyond its metrics is not under test.
     return run_cli("sweep", "--config", str(tiny_config), "--data.path", str(corpus), "--trainer.max_steps", "20",
+                   "--samples.prompts", "[]", "--trainer.logger.init_args.log_model", "false",
                    "--sweep.space", json.dumps(space), *flags)
 
 

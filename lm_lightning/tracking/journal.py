@@ -25,7 +25,9 @@ from lm_lightning.errors import UserError
 from lm_lightning.files import atomic_write_text
 
 # The client methods that write to a run; the others (reads) are not journaled.
-WRITES = ("log_batch", "log_metric", "log_param", "set_tag", "log_text", "log_artifact", "log_artifacts", "set_terminated", "update_run")
+WRITES = (
+    "log_batch", "log_metric", "log_param", "set_tag", "log_text", "log_table", "log_artifact", "log_artifacts", "set_terminated", "update_run",
+)
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
 RETRY_AFTER_S = 10.0  # after a failed write, further writes go straight to the journal for this long
 # MLflow retries a request for minutes by default (7 retries, backoff factor 2, 120 s timeout).

@@ -12,6 +12,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lm_lightning.tracking.logger import mlflow_logger
 from lm_lightning.tracking.store import mark_model_training
@@ -128,6 +129,7 @@ class MLflowRunInfo(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
+        from lm_lightning.export import ExportError
         from lm_lightning.tracking.pyfunc import log_text_model  # imports mlflow's model code: only when needed
 
         logger = mlflow_logger(trainer)
@@ -136,7 +138,10 @@ class MLflowRunInfo(L.Callback):
             logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(Path(best).resolve()))
         # The logger's log_model switch: the servable model (the checkpoints stay in the run folder).
         if logger is not None and best and getattr(logger, "_log_model", False):
-            log_text_model(logger, best)
+            try:
+                log_text_model(logger, best)
+            except ExportError as e:  # a model transformers has no class for (relu2, soft-capping): the run stands
+                rank_zero_warn(f"the best model is not logged as an MLflow model: {e}; its checkpoint is {best}")
         print(fit_summary(trainer, logger, best))
 
 
