@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make train   # creates .venv on first use, then trains on the built-in corpus (~5 min on 2 CPU cores)
+#   make train   # creates .venv on first use, then trains on the built-in corpus (5-8 min on 2 CPU cores)
 #   make test    # creates .venv on first use, then runs the test suite
 # The venv is reused afterwards; it is rebuilt when pyproject.toml changes.
 
