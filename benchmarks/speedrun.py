@@ -61,6 +61,8 @@ def main() -> None:
                         help="a recipe: a name and the lm-lightning fit flags added to --config (repeatable); "
                         "default: gpt2 and modern")
     args = parser.parse_args()
+    # Each run starts in a temporary folder: paths given relative to here must not change meaning there.
+    args.config, args.data_path = str(Path(args.config).resolve()), str(Path(args.data_path).resolve())
     recipes = dict(args.recipe) if args.recipe else RECIPES
 
     baseline = None
