@@ -62,15 +62,18 @@ def main() -> None:
             "lm-lightning generate (20 tokens)": [exe, "generate", "--ckpt_path", ckpt, "--max_new_tokens", "20", "--seed", "1"],
         }
         times: dict[str, dict[str, list[float]]] = {root: {} for root in envs}
-        torch_times = []
+        torch_times, lightning_times = [], []
         for _ in range(args.repeats):
             torch_times.append(seconds([sys.executable, "-c", "import torch"], dict(os.environ)))
+            # The floor of fit/validate/test, whose options are Lightning's classes: importing Lightning itself.
+            lightning_times.append(seconds([sys.executable, "-c", "import lightning.pytorch"], dict(os.environ)))
             for root, env in envs.items():
                 for name, command in commands.items():
                     times[root].setdefault(name, []).append(seconds(command, env))
-    torch_s = statistics.median(torch_times)
-    result = {"repeats": args.repeats, "import_torch_s": torch_s, "median_s": {}}
+    torch_s, lightning_s = statistics.median(torch_times), statistics.median(lightning_times)
+    result = {"repeats": args.repeats, "import_torch_s": torch_s, "import_lightning_s": lightning_s, "median_s": {}}
     print(f"{'python -c import torch':<36} {torch_s:>9.2f} s")
+    print(f"{'python -c import lightning.pytorch':<36} {lightning_s:>9.2f} s {lightning_s / torch_s:>8.2f} x torch")
     for root, by_command in times.items():
         print(f"\n{root}\n{'command':<36} {'median s':>9} {'x torch':>8}")
         result["median_s"][root] = {}

@@ -84,6 +84,12 @@ def did_you_mean(message: str, options: list[str]) -> str:
     return "; ".join([message, *hints])
 
 
+def unknown_subcommand(name: str, commands: list[str]) -> str:
+    close = difflib.get_close_matches(name, commands, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "`lm-lightning --help` lists them"
+    return f"unknown subcommand {name!r}: {hint} (subcommands: {', '.join(commands)})"
+
+
 @contextmanager
 def _without_unused_torchmetrics_backends() -> Iterator[None]:
     """While Lightning (and through it torchmetrics) is imported, ``UNUSED_BY_TORCHMETRICS`` read as not installed
@@ -113,7 +119,7 @@ class _NoAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")  # Lightning's advert for its logging service
 
 
-def _run_trainer_cli(args: list[str] | None) -> None:
+def _run_trainer_cli(args: list[str] | None, subcommand: str | None) -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
     # MLflow shows a progress bar for every artifact it reads (log_table reads the table it appends to).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -125,7 +131,7 @@ def _run_trainer_cli(args: list[str] | None) -> None:
     from lm_lightning.trainer_cli import run_trainer_cli
 
     try:
-        run_trainer_cli(args)
+        run_trainer_cli(args, subcommand)
     except SIGTERMException:
         print("stopped by SIGTERM or Ctrl-C: continue with the same command and --ckpt_path last", file=sys.stderr)
         sys.exit(SIGTERM_EXIT_CODE)
@@ -148,8 +154,12 @@ def main(args: list[str] | None = None) -> None:
             commands.run(argv[0], argv[1:])
         elif argv[0] in (other := _other_commands()):
             importlib.import_module(other[argv[0]][0]).main(argv[1:])
+        elif argv[0] in TRAINER_COMMANDS:
+            _run_trainer_cli(args, argv[0])
+        elif argv[0].startswith("-"):  # options before the subcommand (--config, --print_config): LightningCLI's
+            _run_trainer_cli(args, None)
         else:
-            _run_trainer_cli(args)
+            raise UserError(unknown_subcommand(argv[0], [*TRAINER_COMMANDS, *LIGHT_COMMANDS, *other]))
     except (ArgumentError, UserError, RunError, WriteError) as e:
         if os.environ.get("LM_LIGHTNING_DEBUG"):
             raise

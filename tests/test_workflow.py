@@ -158,7 +158,13 @@ def test_misspelt_flag_suggests_the_right_one(capsys):
 
 def test_predict_is_not_a_subcommand(capsys):
     assert run_main("predict") == 2
-    assert "invalid choice: 'predict'" in capsys.readouterr().err
+    assert "unknown subcommand 'predict'" in capsys.readouterr().err
+
+
+def test_misspelt_subcommand_suggests_the_right_one(capsys):
+    assert run_main("validat", "--ckpt_path", "x") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown subcommand 'validat': did you mean validate?") and err.count("\n") == 1
 
 
 def test_test_split_is_carved_before_validation_and_old_caches_stay_valid(corpus, tmp_path):
