@@ -26,7 +26,9 @@ from lm_lightning.tracking.records import log_samples
 
 class TokensPerSecond(L.Callback):
     """Logs ``train/tokens_per_s`` and ``train/mfu`` (model FLOPs utilisation) over each
-    ``log_every_n_steps`` window of training, validation excluded.
+    ``log_every_n_steps`` window of training, validation excluded, and at each validation ``train/seconds``:
+    the seconds spent training so far (validation, samples and saves excluded; continued on resume), the
+    time a run needed to reach its validation scores whatever its validation schedule.
 
     Wall time between logging steps needs no device sync: over a window of many steps the queue of
     asynchronous work stays bounded, so the average is right without stalling every step. MFU is
@@ -38,22 +40,38 @@ class TokensPerSecond(L.Callback):
         self._start: float | None = None
         self._tokens = 0
         self._peak = 0.0
+        self._train_seconds = 0.0  # trained before the current stretch of training
+        self._stretch = 0.0  # when the current stretch began (training start, or the batch after a validation)
 
     def _reset(self) -> None:
         self._start, self._tokens = time.perf_counter(), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self._train_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train_seconds = state["train_seconds"]
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._peak, source = peak_flops(pl_module.device, precision_dtype(trainer.precision))
         if trainer.is_global_zero:
             print(f"peak {self._peak / 1e12:.2f} TFLOP/s per device ({source}) for train/mfu")
         self._reset()
+        self._stretch = self._start
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        if self._start is not None and not trainer.sanity_checking:
+            self._train_seconds += time.perf_counter() - self._stretch
         self._start = None  # restart at the next training batch: validation, samples and saves are not training
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            pl_module.log("train/seconds", self._train_seconds, rank_zero_only=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._start is None:
             self._reset()
+            self._stretch = self._start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += batch[:, 1:].numel() * trainer.world_size

@@ -59,6 +59,16 @@ def test_training_loss_falls(trained):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def test_training_seconds_are_logged_at_each_validation_without_validation_time(trained):
+    _, _, client, run = trained
+    seconds = client.get_metric_history(run.info.run_id, "train/seconds")
+    assert [m.step for m in seconds] == [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+    values = [m.value for m in seconds]
+    assert len(values) == 3 and 0 < values[0] < values[1] < values[2]
+    wall = (seconds[-1].timestamp - int(run.data.tags["train_start_ms"])) / 1000  # three validations included
+    assert values[-1] < wall
+
+
 def test_bpb_is_loss_in_bits_per_byte(trained):
     _, _, client, run = trained
     loss, ppl, bpb = (run.data.metrics[k] for k in ("val/loss", "val/ppl", "val/bpb"))
