@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint
-from lm_lightning.data.cache import iter_batches
-from lm_lightning.data.corpus import DataError, iter_documents, resolve_sources
+from lm_lightning.data.cache import iter_batches, iter_document_ids
+from lm_lightning.data.corpus import DataError, resolve_sources
 from lm_lightning.errors import UserError
 from lm_lightning.model import GPT
 from lm_lightning.pretrained import load_source
-from lm_lightning.tokenizer import begin_of_text, end_of_text, token_bytes
+from lm_lightning.tokenizer import end_of_text, token_bytes
 
 
 @dataclass
@@ -38,18 +38,10 @@ class Scores:
 def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text") -> tuple[np.ndarray, str]:
     """The ids of every document of ``path`` (as ``data.path`` reads it), each followed by end-of-text, after one
     end-of-text that starts the first document; and the corpus hash that training's token cache records."""
-    eot, bos = end_of_text(tokenizer), begin_of_text(tokenizer)
-    ids, corpus_hash = [np.array([eot])], hashlib.sha256()
+    ids, corpus_hash = [np.array([end_of_text(tokenizer)], dtype=np.int64)], hashlib.sha256()
     for source in resolve_sources(path):
-        for doc in iter_documents(source, jsonl_field):
-            if bos is not None:  # as the token cache: a tokenizer that begins documents (Llama's <s>) begins them here
-                ids.append(np.array([bos]))
-            for batch in iter_batches(doc, 256):
-                for text in batch:
-                    corpus_hash.update(text.encode("utf-8"))
-                ids.extend(np.asarray(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=False))
-            ids.append(np.array([eot]))
-    return np.concatenate(ids).astype(np.int64), corpus_hash.hexdigest()
+        ids.extend(iter_document_ids(source, jsonl_field, tokenizer, np.int64, lambda t: corpus_hash.update(t.encode("utf-8"))))
+    return np.concatenate(ids), corpus_hash.hexdigest()
 
 
 def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:

@@ -175,10 +175,21 @@ class KVCache:
         self.values = self.values.expand(-1, batch_size, -1, -1, -1).contiguous()
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed in its weight's dtype. Under CPU autocast the input arrives in bfloat16 while the
+    weight stays float32, and torch's fused kernel needs the two alike (else a slower path, and a warning); the
+    statistics are then taken in float32, as autocast does for LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 def make_norm(config: GPTConfig, size: int) -> nn.Module:
     """The configured normalisation over the last ``size`` features."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(size, eps=config.norm_eps)
+        return RMSNorm(size, eps=config.norm_eps)
     return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
 
 

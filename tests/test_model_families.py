@@ -278,3 +278,18 @@ def test_load_pretrained_needs_a_tokenizer(tmp_path):
     save_llama(tmp_path)
     with pytest.raises(TokenizerError, match="has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt"):
         load_pretrained(tmp_path)
+
+
+def test_rmsnorm_under_cpu_autocast_normalises_in_float32_without_a_warning():
+    import warnings
+
+    from lm_lightning.model import RMSNorm
+
+    norm = RMSNorm(16, eps=1e-6)
+    x = torch.randn(2, 3, 16).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it cannot use its fused kernel
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x.float(), (16,), norm.weight, 1e-6).bfloat16())

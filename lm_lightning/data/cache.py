@@ -15,7 +15,7 @@ import json
 import mmap
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +117,24 @@ def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def iter_document_ids(
+    source: Source, jsonl_field: str, tokenizer: Tokenizer, dtype: np.dtype, seen: Callable[[str], None]
+) -> Iterator[np.ndarray]:
+    """The token ids of each document of ``source``, in pieces: the tokenizer's beginning-of-text token (if it
+    adds one), the text's ids, end-of-text. ``seen`` is called with each piece of text before it is encoded.
+    Training's token cache and ``evaluate`` read a corpus through this one rule."""
+    eot, bos = end_of_text(tokenizer), begin_of_text(tokenizer)
+    for doc in iter_documents(source, jsonl_field):
+        if bos is not None:
+            yield np.asarray([bos], dtype=dtype)
+        for batch in iter_batches(doc, _ENCODE_BATCH):
+            for text in batch:
+                seen(text)
+            encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+            yield np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
+        yield np.asarray([eot], dtype=dtype)
+
+
 def tokenize_corpus(
     sources, jsonl_field, tokenizer, val_fraction, folder: Path, shard_tokens: int, test_fraction: float = 0.0
 ) -> dict:
@@ -127,7 +145,7 @@ def tokenize_corpus(
     so the split is deterministic and never overlaps training; with ``test_fraction``, the
     ``test_fraction`` of tokens before them goes to the test split.
     """
-    eot, bos = end_of_text(tokenizer), begin_of_text(tokenizer)
+    eot = end_of_text(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     remove_stale_temporaries(folder / "source")
     scratch_path = temporary_path(folder / "source")
@@ -137,27 +155,22 @@ def tokenize_corpus(
     has_text = False
     total_bytes = sum(s.size for s in sources)
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=total_bytes < 64 << 20, file=sys.stderr)
+
+    def seen(text: str) -> None:
+        nonlocal has_text
+        data = text.encode("utf-8")
+        corpus_hash.update(data)
+        progress.update(len(data))
+        has_text = has_text or (bool(text) and not text.isspace())
+
     try:
         for source in sources:
             # A source's tokens go to a scratch file first: the split point is known only at its end.
             n = 0
             with open(scratch_path, "wb") as scratch:
-                for doc in iter_documents(source, jsonl_field):
-                    if bos is not None:
-                        np.asarray([bos], dtype=dtype).tofile(scratch)
-                        n += 1
-                    for batch in iter_batches(doc, _ENCODE_BATCH):
-                        for text in batch:
-                            data = text.encode("utf-8")
-                            corpus_hash.update(data)
-                            progress.update(len(data))
-                            has_text = has_text or (bool(text) and not text.isspace())
-                        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-                        ids = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
-                        ids.tofile(scratch)
-                        n += len(ids)
-                    np.asarray([eot], dtype=dtype).tofile(scratch)
-                    n += 1
+                for ids in iter_document_ids(source, jsonl_field, tokenizer, dtype, seen):
+                    ids.tofile(scratch)
+                    n += len(ids)
             n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
             with open(scratch_path, "rb") as scratch:
                 writers["train"].copy_from(scratch, n - n_val - n_test)
