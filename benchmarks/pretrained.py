@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from generate_speed import median_seconds  # a sibling script, as ``python benchmarks/pretrained.py`` runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,16 +98,6 @@ def finetune_part(a: argparse.Namespace) -> list[dict]:
             rows.append({"run": name, **shape, "block_size": a.block_size, "batch_size": a.batch_size,
                          **fit([*common, *extra], tmp, name.split()[0])})
     return rows
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def gpt2_part(a: argparse.Namespace) -> list[dict]:

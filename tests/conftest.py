@@ -89,6 +89,15 @@ def isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def transformers_offline(monkeypatch):
+    """transformers never reaches the hub, and says nothing but errors."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture
 def corpus(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(english_text(), encoding="utf-8")

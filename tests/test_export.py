@@ -11,16 +11,9 @@ from lm_lightning.generate import TextGenerator
 from lm_lightning.model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "transformers_offline")
 
 TEXTS = ["def generate(self, prompt):\n    return 'hello world'", "床前明月光，疑是地上霜。", "mixed 中文 and English"]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 @pytest.fixture(scope="module")

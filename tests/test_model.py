@@ -74,9 +74,12 @@ def test_bad_shapes_are_rejected(kwargs, message):
         GPTConfig(**kwargs)
 
 
-def test_activation_checkpointing_gives_the_same_gradients(model):
+@pytest.mark.parametrize("family", [{}, dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, qk_norm=True)],
+                         ids=["gpt2", "modern"])
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32, **family)).train()
     idx = torch.randint(0, 97, (2, 16))
-    model.train()
     model(idx).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
