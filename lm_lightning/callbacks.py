@@ -80,6 +80,8 @@ class TokensPerSecond(L.Callback):
             if elapsed > 0:
                 tokens_per_s = self._tokens / elapsed
                 flops = pl_module.model.flops_per_token(batch.shape[1] - 1) * tokens_per_s / trainer.world_size
+                if flops > self._peak:  # a peak measured while the machine was busy: measure it again
+                    self._peak = peak_flops(pl_module.device, precision_dtype(trainer.precision), flops)[0]
                 pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
                 pl_module.log("train/mfu", flops / self._peak, rank_zero_only=True)
             self._reset()

@@ -78,9 +78,10 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def _cached_measured_peak(device: torch.device, dtype: torch.dtype) -> float:
+def _cached_measured_peak(device: torch.device, dtype: torch.dtype, achieved: float = 0.0) -> float:
     """``measured_peak_flops``, measured once per machine, dtype and thread count and kept in the cache folder,
-    so every run on a machine divides by the same peak and MFU compares across runs."""
+    so every run on a machine divides by the same peak and MFU compares across runs; measured again when a run
+    has ``achieved`` more, and then the highest of the figures is kept."""
     name = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     key = f"{name} | {device.type} | {str(dtype).removeprefix('torch.')} | {torch.get_num_threads()} threads"
     path = cache_root() / PEAKS_FILE
@@ -89,18 +90,20 @@ def _cached_measured_peak(device: torch.device, dtype: torch.dtype) -> float:
             peaks = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             peaks = {}
-        if key not in peaks:
-            peaks[key] = measured_peak_flops(device, dtype)
+        if key not in peaks or peaks[key] < achieved:
+            peaks[key] = max(measured_peak_flops(device, dtype), achieved, peaks.get(key, 0.0))
             atomic_write_text(path, json.dumps(peaks, indent=1), "peak FLOP/s cache")
     return peaks[key]
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def peak_flops(device: torch.device, dtype: torch.dtype, achieved: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s, where the number comes from) for ``device`` computing in ``dtype``: Lightning's datasheet
-    table for the GPUs it knows, else this machine's matmul peak, measured once and cached."""
+    table for the GPUs it knows, else this machine's matmul peak, measured once and cached. ``achieved``: FLOP/s
+    a run has reached; a cached peak below it was measured while the machine was busy, and is measured again."""
     if device.type == "cuda":
         from lightning.fabric.utilities.throughput import get_available_flops
 
         if flops := get_available_flops(device, dtype):
             return float(flops), "datasheet (Lightning's table)"
-    return _cached_measured_peak(device, dtype), f"measured {device.type} matmul, cached in {cache_root() / PEAKS_FILE}"
+    peak = _cached_measured_peak(device, dtype, achieved)
+    return peak, f"measured {device.type} matmul, cached in {cache_root() / PEAKS_FILE}"

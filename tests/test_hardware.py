@@ -18,3 +18,21 @@ def test_auto_precision_on_cpu_depends_on_bf16_units_and_width(monkeypatch, has_
     monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
     assert hardware.auto_precision("cpu", n_embd) == expected
+
+
+def test_cpu_peak_is_measured_once_and_measured_again_when_a_run_beats_it(monkeypatch, tmp_path):
+    import json
+
+    import torch
+
+    monkeypatch.setenv("LM_LIGHTNING_CACHE", str(tmp_path))
+    measured = iter([2e9, 3e9, 9e9])
+    monkeypatch.setattr(hardware, "measured_peak_flops", lambda device, dtype: next(measured))
+    cpu = torch.device("cpu")
+    assert hardware.peak_flops(cpu, torch.float32)[0] == 2e9
+    assert hardware.peak_flops(cpu, torch.float32)[0] == 2e9  # cached: not measured again
+    assert hardware.peak_flops(cpu, torch.float32, achieved=1e9)[0] == 2e9  # below the peak: nothing to correct
+    # A run faster than the cached peak (measured while the machine was busy): measured again, the highest kept.
+    assert hardware.peak_flops(cpu, torch.float32, achieved=5e9)[0] == 5e9
+    assert hardware.peak_flops(cpu, torch.float32, achieved=6e9)[0] == 9e9
+    assert list(json.loads((tmp_path / hardware.PEAKS_FILE).read_text()).values()) == [9e9]
