@@ -12,7 +12,8 @@ in a subprocess, recorded in a temporary MLflow store, stopping at the first val
 two targets. A run's time to a target is its ``train/seconds`` at the first val/bpb at or below it: seconds of
 training, validations excluded, as the baseline's time excludes its validation (tokenizer training and tokenization
 are not counted; the first run builds the cache, later runs reuse it). The wall time from the first training step
-(the ``train_start_ms`` tag) to that validation's end, validations included, is printed beside it. Steps and tokens to the target are the signal that does not depend on how busy the machine is.
+(the ``train_start_ms`` tag) to that validation's end, validations included, is printed beside it. Steps and tokens
+to the target are the signal that does not depend on how busy the machine is.
 """
 
 from __future__ import annotations

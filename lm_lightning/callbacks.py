@@ -60,7 +60,7 @@ class TokensPerSecond(L.Callback):
         self._stretch = self._start
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if self._start is not None and not trainer.sanity_checking:
+        if self._start is not None:  # None before training starts (the sanity check) and after a validation
             self._train_seconds += time.perf_counter() - self._stretch
         self._start = None  # restart at the next training batch: validation, samples and saves are not training
 
