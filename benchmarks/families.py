@@ -19,10 +19,9 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
+from speedrun import scratch_store  # a sibling script, as ``python benchmarks/families.py`` runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -51,11 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "LM_LIGHTNING_CACHE": f"{tmp}/cache"}
-        exe = Path(sys.executable).with_name("lm-lightning")
-        client = MlflowClient(uri)
+    with scratch_store() as (tmp, env, exe, client):
         for job in args.jobs:
             config, data = JOBS[job]
             for family in args.families:

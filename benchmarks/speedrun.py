@@ -25,6 +25,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -40,6 +42,16 @@ GPT2_RECIPE = {
     "trainer.val_check_interval": 25, "trainer.log_every_n_steps": 25,
 }
 RECIPES = {"gpt2": " ".join(f"--{key} {value}" for key, value in GPT2_RECIPE.items()), "modern": ""}
+
+
+@contextmanager
+def scratch_store() -> Iterator[tuple[str, dict[str, str], Path, MlflowClient]]:
+    """A temporary folder for ``lm-lightning`` runs in subprocesses: (the folder, their environment (an MLflow sqlite
+    store and a token cache inside the folder), the ``lm-lightning`` executable, a client of that store)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "LM_LIGHTNING_CACHE": f"{tmp}/cache"}
+        yield tmp, env, Path(sys.executable).with_name("lm-lightning"), MlflowClient(uri)
 
 
 def run_baseline(data_path: str, iters: int) -> dict:
@@ -84,11 +96,7 @@ def main() -> None:
     stop_at = min(target, FIXED_TARGET)
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "LM_LIGHTNING_CACHE": f"{tmp}/cache"}
-        exe = Path(sys.executable).with_name("lm-lightning")
-        client = MlflowClient(uri)
+    with scratch_store() as (tmp, env, exe, client):
         for i in range(args.runs):
             for name, flags in recipes.items():
                 cmd = [str(exe), "fit", "--config", args.config, *flags.split(), "--data.path", args.data_path,

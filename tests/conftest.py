@@ -185,6 +185,15 @@ def tiny_run(tmp_path_factory):
     }
 
 
+def run_folder(tmp_path_factory, mlflow_template: Path, name: str) -> Path:
+    """A new folder for real runs of the tiny config: ``corpus.txt`` (English), ``tiny.yaml`` and an empty ``mlflow.db``."""
+    root = tmp_path_factory.mktemp(name)
+    (root / "corpus.txt").write_text(english_text(), encoding="utf-8")
+    (root / "tiny.yaml").write_text(TINY_CONFIG, encoding="utf-8")
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    return root
+
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty MLflow database, made once: creating one runs all of MLflow's migrations (seconds)."""

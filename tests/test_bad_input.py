@@ -3,13 +3,12 @@ import time; test_cli.py runs the real console script). Each must end with a one
 problem, a non-zero exit code, and nothing half-made: no temporary file, no checkpoint, no MLflow run left
 RUNNING."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BAD_CORPORA, TINY_CONFIG, english_text, run_main, workdir
+from conftest import BAD_CORPORA, run_folder, run_main, workdir
 from lm_lightning.tokenizer import save_tokenizer, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("mlflow_store", "tiny_config")
@@ -18,10 +17,7 @@ pytestmark = pytest.mark.usefixtures("mlflow_store", "tiny_config")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, mlflow_template) -> Path:
     """A real checkpoint of the tiny model (block_size 32, n_embd 32), after 2 steps."""
-    root = tmp_path_factory.mktemp("checkpoint")
-    (root / "corpus.txt").write_text(english_text(), encoding="utf-8")
-    (root / "tiny.yaml").write_text(TINY_CONFIG, encoding="utf-8")
-    shutil.copy(mlflow_template, root / "mlflow.db")
+    root = run_folder(tmp_path_factory, mlflow_template, "checkpoint")
     with workdir(root):
         assert run_main("fit", "--config", "tiny.yaml", "--data.path", "corpus.txt", "--trainer.max_steps", "2") == 0
     (path,) = root.glob("runs/*/*/checkpoints/last.ckpt")

@@ -1,13 +1,12 @@
 """The real ``lm-lightning`` command in subprocesses, with a real MLflow store and real checkpoints."""
 
 import math
-import shutil
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_CONFIG, english_text, run_cli, workdir
+from conftest import run_cli, run_folder, workdir
 
 pytestmark = pytest.mark.usefixtures("mlflow_store")
 
@@ -21,10 +20,7 @@ def test_fast_dev_run_through_the_cli(corpus, tiny_config):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mlflow_template):
     """One short real run (30 steps of a tiny model), shared by the assertions below."""
-    root = tmp_path_factory.mktemp("run")
-    (root / "corpus.txt").write_text(english_text(), encoding="utf-8")
-    (root / "tiny.yaml").write_text(TINY_CONFIG, encoding="utf-8")
-    shutil.copy(mlflow_template, root / "mlflow.db")
+    root = run_folder(tmp_path_factory, mlflow_template, "run")
     with workdir(root) as uri:
         result = run_cli("fit", "--config", "tiny.yaml", "--data.path", "corpus.txt", "--trainer.logger.init_args.experiment_name", "tests")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,6 @@ and stopped with SIGTERM, then resumed with two data-loading workers to the end:
 must equal the straight run's, in one MLflow run.
 """
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_CONFIG, english_text, metric_history, only_run, run_main, workdir
+from conftest import metric_history, only_run, run_folder, run_main, workdir
 from lm_lightning.checkpoint import load_checkpoint
 
 STEPS, EVERY = 32, 4
@@ -43,10 +42,7 @@ def wait_for_save(path: Path, after: float, proc: subprocess.Popen, timeout: flo
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory, mlflow_template):
-    root = tmp_path_factory.mktemp("resume")
-    (root / "corpus.txt").write_text(english_text(), encoding="utf-8")
-    (root / "tiny.yaml").write_text(TINY_CONFIG, encoding="utf-8")
-    shutil.copy(mlflow_template, root / "mlflow.db")
+    root = run_folder(tmp_path_factory, mlflow_template, "resume")
     facts = {}
     with workdir(root) as uri:
         client = MlflowClient(uri)
