@@ -73,8 +73,10 @@ def main() -> None:
                 rows.append({
                     "job": job, "family": family, "steps": args.steps,
                     "tokens": args.steps * int(params["data.batch_size"]) * int(params["model.block_size"]),
-                    "val_bpb": round(metric("val/bpb")[-1], 4), "train_loss": round(metric("train/loss")[-1], 4),
-                    "tokens_per_s": round(statistics.median(metric("train/tokens_per_s"))),
+                    # train/* are logged every log_every_n_steps: a run shorter than that has none.
+                    "val_bpb": round(metric("val/bpb")[-1], 4),
+                    "train_loss": round(losses[-1], 4) if (losses := metric("train/loss")) else None,
+                    "tokens_per_s": round(statistics.median(rates)) if (rates := metric("train/tokens_per_s")) else None,
                     "peak_rss_mib": peak_mib, "precision": params.get("trainer.precision"),
                 })
                 print(json.dumps(rows[-1]), flush=True)
