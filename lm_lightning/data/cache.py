@@ -30,6 +30,11 @@ from lm_lightning.tokenizer import begin_of_text, end_of_text, load_tokenizer, s
 CACHE_FORMAT = 2
 SPLITS = ("train", "val")
 TEST = "test"  # a third split, only in caches built with test_fraction > 0
+
+
+def split_names(test_fraction: float) -> tuple[str, ...]:
+    """The splits of a cache built with ``test_fraction``."""
+    return SPLITS + ((TEST,) if test_fraction else ())
 _ENCODE_BATCH = 256  # pieces per encode_batch call (tokenizers encodes a batch on all cores)
 
 
@@ -149,8 +154,7 @@ def tokenize_corpus(
     dtype = token_dtype(tokenizer.get_vocab_size())
     remove_stale_temporaries(folder / "source")
     scratch_path = temporary_path(folder / "source")
-    splits = SPLITS + ((TEST,) if test_fraction else ())
-    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in splits}
+    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in split_names(test_fraction)}
     corpus_hash = hashlib.sha256()
     has_text = False
     total_bytes = sum(s.size for s in sources)
@@ -296,7 +300,7 @@ class TokenCache:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return SPLITS + ((TEST,) if self.test_fraction else ())
+        return split_names(self.test_fraction)
 
     @property
     def _split_settings(self) -> dict:

@@ -23,7 +23,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lm_lightning.files import cache_root
-from lm_lightning.tracking.logger import mlflow_client, resolve_tracking_uri, store_init_lock
+from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri, sqlite_database, store_init_lock
 from lm_lightning.sweep.report import PRUNED_AT, RUN_ID, SECONDS_TO_TARGET, make_pruner
 from lm_lightning.sweep.settings import SweepError, SweepSettings, parse_sweep_args
 from lm_lightning.sweep.space import build_space, check_keys, lookup
@@ -85,9 +85,8 @@ def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
 
 def default_storage(tracking_uri: str) -> str:
     """``optuna.db`` beside an sqlite MLflow database, else in the working directory."""
-    if tracking_uri.startswith("sqlite:///") and not tracking_uri.endswith(":memory:"):
-        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).with_name('optuna.db')}"
-    return "sqlite:///optuna.db"
+    database = sqlite_database(tracking_uri)
+    return f"sqlite:///{database.with_name('optuna.db')}" if database else "sqlite:///optuna.db"
 
 
 def _die_with_parent() -> None:

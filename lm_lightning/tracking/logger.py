@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_lightning.errors import UserError
 from lm_lightning.tracking.journal import Journal, JournaledClient, bound_http_retries, store_errors
-from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri, store_init_lock  # noqa: F401 (re-exported)
+from lm_lightning.tracking.store import resolve_tracking_uri, store_init_lock
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:

@@ -19,6 +19,13 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` tracking URI; ``None`` for any other store, or an in-memory one."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :])
+
+
 @contextmanager
 def store_init_lock(tracking_uri: str) -> Iterator[None]:
     """Holds ``<database>.lock`` while an sqlite tracking store is opened.
@@ -28,20 +35,17 @@ def store_init_lock(tracking_uri: str) -> Iterator[None]:
     exists"). A separate lock file, because closing any descriptor of the database itself would drop
     SQLite's own POSIX locks on it.
     """
-    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
+    if (database := sqlite_database(tracking_uri)) is None:
         yield
         return
-    database = Path(tracking_uri[len("sqlite:///") :])
     with file_lock(database.with_name(database.name + ".lock")):
         yield
 
 
 def check_store(tracking_uri: str) -> None:
     """Refuse an sqlite tracking database that is not one, naming it (MLflow's own error is a parser message)."""
-    if not tracking_uri.startswith("sqlite:///") or tracking_uri.endswith(":memory:"):
-        return
-    database = Path(tracking_uri[len("sqlite:///") :])
-    if database.is_file() and database.stat().st_size:
+    database = sqlite_database(tracking_uri)
+    if database is not None and database.is_file() and database.stat().st_size:
         with open(database, "rb") as f:
             if f.read(16) != b"SQLite format 3\x00":
                 raise UserError(f"{database} is not an SQLite database, so not an MLflow one; move it away or set another tracking URI")
