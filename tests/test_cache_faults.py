@@ -38,6 +38,16 @@ def test_a_shard_overwritten_with_ff_bytes_of_the_same_size_is_rebuilt(built):
     rebuilt_as_before(dm, shards, tokenizer_json)
 
 
+def test_a_test_shard_overwritten_with_ff_bytes_is_rebuilt(corpus):
+    dm = TextDataModule(str(corpus), vocab_size=300, block_size=16, batch_size=4, test_fraction=0.1)
+    dm.prepare_data()
+    dm.setup("fit")
+    shards, tokenizer_json = {p.name: p.read_bytes() for p in dm.folder.glob("*.bin")}, dm.tokenizer.to_str()
+    shard = dm.folder / "test-00000.bin"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)
+    rebuilt_as_before(dm, shards, tokenizer_json)
+
+
 def test_a_swapped_tokenizer_in_meta_is_rebuilt(built):
     dm, shards, tokenizer_json = built
     edit_meta(dm, tokenizer_json=train_tokenizer([CHINESE * 20], 300).to_str())

@@ -371,7 +371,7 @@ class TokenCache:
         if meta.get("tokenizer_json") != tokenizer.to_str() or meta.get("has_text") is not True:
             return False
         vocab_size = tokenizer.get_vocab_size()
-        for split in SPLITS:
+        for split in self.splits:
             for index, n in enumerate(meta[f"{split}_shards"]):
                 if n and int(_map_tokens(str(shard_path(self.folder, split, index)), n, meta["dtype"], False).max()) >= vocab_size:
                     return False
