@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 
 from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_gpt
 from lm_lightning.errors import ConfigError
-from lm_lightning.export import hf_family, load_pretrained
+from lm_lightning.export import load_pretrained
+from lm_lightning.families import hf_config
 from lm_lightning.model import GPT, GPTConfig, skip_init
 from lm_lightning.tokenizer import declared_special_tokens, load_tokenizer, token_bytes
 
@@ -31,7 +32,8 @@ class SourceInfo:
     kind: str
     """``transformers`` (a folder) or ``checkpoint`` (a ``.ckpt`` of ours)."""
     family: str
-    """``gpt2``, ``llama``, ``qwen3``, or ``custom`` for a checkpoint no transformers class matches."""
+    """The transformers ``model_type`` (``gpt2``, ``llama``, ``mistral``, ...), or ``custom`` for a checkpoint no
+    transformers class matches."""
     config_hash: str
     """First 16 hex digits of the SHA-256 of the model config (every field, as JSON)."""
     stop_tokens: tuple[int, ...] = ()
@@ -43,8 +45,9 @@ class SourceInfo:
 
 
 def _family(config: GPTConfig) -> str:
+    """The transformers family ``config`` records or is inferred to have, if it can export to it."""
     try:
-        return hf_family(config)
+        return hf_config(config, 0)["model_type"]
     except ValueError:
         return "custom"
 

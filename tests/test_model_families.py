@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lm_lightning.export import ExportError, export_pretrained, load_model, load_pretrained
+from lm_lightning.families import family_of
 from lm_lightning.tokenizer import TokenizerError
 from lm_lightning.generate import generate_tokens
 from lm_lightning.model import GPT, GPTConfig, KVCache
@@ -120,7 +121,7 @@ def test_zero_init_projections_start_every_block_as_the_identity():
     [
         (dict(pos_embedding="alibi"), "pos_embedding='alibi' is not a choice; choose one of learned, rope"),
         (dict(norm="batchnorm"), "norm='batchnorm' is not a choice"),
-        (dict(mlp="geglu"), "mlp='geglu' is not a choice; choose one of gelu, swiglu, relu2"),
+        (dict(mlp="reglu"), "mlp='reglu' is not a choice; choose one of gelu, swiglu, geglu, relu2"),
         (dict(n_head=4, n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
         (dict(n_embd=36, n_head=4, pos_embedding="rope"), "pos_embedding=rope needs an even head size"),
         (dict(logit_softcap=0.0), "logit_softcap=0.0 must be positive"),
@@ -142,8 +143,9 @@ def test_model_needs_a_vocabulary_size():
 
 
 def resolved(config: GPTConfig) -> GPTConfig:
-    """``config`` with its unset widths filled in, as a transformers config.json states them."""
-    return dataclasses.replace(config, mlp_hidden=config.mlp_width, n_kv_head=config.kv_heads)
+    """``config`` with its unset widths filled in, as a transformers config.json states them, and the family it
+    exports to recorded."""
+    return dataclasses.replace(config, mlp_hidden=config.mlp_width, n_kv_head=config.kv_heads, family=family_of(config).model_type)
 
 
 def assert_same_logits(hf_model, model: GPT, vocab_size: int) -> None:
@@ -183,10 +185,10 @@ def test_export_gives_transformers_our_logits(family, model_type, tokenizer, tmp
     [
         ({**LLAMA, "mlp": "relu2"}, "mlp='relu2' has no transformers class"),
         ({**MODERN, "logit_softcap": 15.0}, "logit_softcap=15.0 has no transformers class"),
-        ({"norm": "rmsnorm"}, "norm='rmsnorm' has no transformers class with pos_embedding='learned'"),
+        ({"norm": "rmsnorm"}, "norm='rmsnorm' has no transformers class in family gpt2: GPT2LMHeadModel needs norm='layernorm'"),
         ({"n_kv_head": 2}, "n_kv_head=2 has no transformers class"),
-        ({**LLAMA, "norm": "layernorm"}, "norm='layernorm' has no transformers class with pos_embedding='rope'"),
-        ({**MODERN, "bias": True}, "bias=True has no transformers class .* Qwen3ForCausalLM needs bias=False"),
+        ({**LLAMA, "norm": "layernorm"}, "norm='layernorm' has no transformers class in family llama"),
+        ({**MODERN, "bias": True}, "mlp_bias=True has no transformers class .* Qwen3ForCausalLM needs mlp_bias=False"),
     ],
 )
 def test_export_refuses_what_transformers_has_no_class_for(kwargs, message, tokenizer, tmp_path):
@@ -240,10 +242,12 @@ def save_llama(folder, **overrides) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"model_type": "mistral"}, "model_type='mistral' is not supported; supported: gpt2, llama, qwen3"),
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_type='linear' .* not supported"),
-        ({"head_dim": 16}, "head_dim=16 differs from hidden_size / num_attention_heads"),
-        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported; only silu"),
+        ({"model_type": "phi3"}, "model_type='phi3' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3"),
+        ({"rope_parameters": {"rope_type": "longrope", "long_factor": [1.0], "short_factor": [1.0], "rope_theta": 1e4}},
+         "rope_parameters rope_type='longrope' is not supported; supported: default, linear, llama3, yarn"),
+        ({"num_local_experts": 8}, r"num_local_experts=8 \(mixture-of-experts\) is not supported"),
+        ({"vision_config": {"hidden_size": 8}}, r"vision_config={...} \(a vision tower\) is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported; supported: 'silu'"),
         ({"num_key_value_heads": 3}, "n_head=4 is not divisible by n_kv_head=3"),
         ({"intermediate_size": 40}, "its weights do not fit its config.json"),
     ],
