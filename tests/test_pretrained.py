@@ -179,8 +179,8 @@ def break_folder(folder: Path, how: str) -> str:
         (folder / "config.json").unlink()
         return "has no config.json"
     if how == "model-type":
-        (folder / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-        return "model_type='mistral' is not supported; supported: gpt2, llama, qwen3"
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+        return "model_type='phi3' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3, gemma3_text, smollm3, olmo2"
     if how == "weights-do-not-fit":
         (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
         return "its weights do not fit its config.json"

@@ -66,7 +66,10 @@ def _take(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     transformers finds it (the original GPT-2 files name ``h.0.attn.c_attn.weight``)."""
     if name in weights:
         return weights.pop(name)
-    return weights.pop(name.split(".", 1)[1])  # KeyError names the short name
+    short = name.split(".", 1)[1]
+    if short in weights:
+        return weights.pop(short)
+    raise KeyError(name)
 
 
 def state_from_hf(config: GPTConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,6 +144,9 @@ def hf_config(config: GPTConfig, eot_id: int, bos_id: int | None = None) -> dict
         "use_cache": True,
         "bos_token_id": eot_id if bos_id is None else bos_id,
         "eos_token_id": eot_id,
+        # No padding token: a family's default one (SmolLM3's 128004) may lie outside a small vocabulary, and
+        # transformers' embedding would never train the row of one given here.
+        "pad_token_id": None,
     } | family.write_config(config)
     _check_expressible(config, family, hf)
     return hf

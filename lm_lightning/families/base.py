@@ -109,6 +109,8 @@ def rope_parameters(hf: dict[str, Any], default_theta: float) -> dict[str, Any]:
         params = dict(params)
         params["rope_type"] = params.pop("type", params.get("rope_type", "default"))
         params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+        if hf.get("partial_rotary_factor") is not None:
+            params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
         return params
 
     v5, v4 = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}

@@ -62,6 +62,10 @@ def read_config(hf: dict[str, Any]) -> GPTConfig:
     )
 
 
+def whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
 def write_config(config: GPTConfig) -> dict[str, Any]:
     local_theta = config.rope_local_theta or config.rope_theta
     out = decoder_hf_config(config)
@@ -69,7 +73,7 @@ def write_config(config: GPTConfig) -> dict[str, Any]:
     return out | {
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": config.biases[0],
-        "query_pre_attn_scalar": config.query_pre_attn_scalar or config.head_size,
+        "query_pre_attn_scalar": whole(config.query_pre_attn_scalar or config.head_size),  # an int to transformers' strict config
         "sliding_window": config.sliding_window,
         "layer_types": layer_types(config),
         "rope_parameters": {"full_attention": rope_out(config), "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
