@@ -294,3 +294,54 @@ def test_fit_init_from_trains_and_the_checkpoint_records_the_family(name, folder
     assert model.config.family == name and model.config.block_size == 32
     assert run_main("export", "--ckpt_path", str(checkpoint), "--out", "exported") == 0
     assert json.loads(Path("exported/config.json").read_text())["model_type"] == name
+
+
+# The published config.json values (the keys that shape the model) of the real models each family is for.
+PUBLISHED = {
+    "Llama-3.2-1B": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
+                     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
+                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+    "Mistral-7B-v0.1": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+                        "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False, "vocab_size": 32000},
+    "Qwen2.5-0.5B": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                     "rope_theta": 1000000.0, "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 24,
+                     "tie_word_embeddings": True, "vocab_size": 151936},
+    "Qwen3-0.6B": {"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1000000, "sliding_window": None, "use_sliding_window": False,
+                   "max_window_layers": 28, "tie_word_embeddings": True, "vocab_size": 151936, "attention_bias": False},
+    "Qwen3-4B": {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+                 "rms_norm_eps": 1e-6, "rope_theta": 1000000, "use_sliding_window": False, "tie_word_embeddings": True,
+                 "vocab_size": 151936},
+    "gemma-3-1b-pt": {"model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+                      "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
+                      "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1000000, "rope_local_base_freq": 10000,
+                      "rope_scaling": None, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "vocab_size": 262144,
+                      "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None, "attn_logit_softcapping": None},
+    "SmolLM3-3B": {"model_type": "smollm3", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                   "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 65536, "rms_norm_eps": 1e-6,
+                   "rope_theta": 5000000.0, "no_rope_layer_interval": 4, "use_sliding_window": False, "tie_word_embeddings": True,
+                   "vocab_size": 128256},
+    "OLMo-2-0425-1B": {"model_type": "olmo2", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                       "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                       "rope_theta": 500000, "tie_word_embeddings": False, "vocab_size": 100352},
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_map_onto_the_transformers_model_tensor_for_tensor(name, tmp_path):
+    """Each real model's config (no weights: both models are built on the meta device) maps onto a model of ours
+    whose every tensor has the shape of the transformers tensors it is made of."""
+    hf = PUBLISHED[name]
+    config = config_from_hf(hf)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path)).state_dict()
+        ours = GPT(config).state_dict()
+    mapped = state_from_hf(config, theirs)  # every tensor of theirs used, none missing
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.items()}
