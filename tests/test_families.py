@@ -69,8 +69,7 @@ def build(name: str, vocab: int, eot: int) -> torch.nn.Module:
     return getattr(transformers, model_class)(config)
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
+def make_tokenizer() -> Tokenizer:
     """One byte-level BPE for every family (as Llama 3 and Qwen have), ~300 tokens."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,6 +78,11 @@ def tokenizer() -> Tokenizer:
                                   show_progress=False)
     tokenizer.train_from_iterator([TEXT], trainer=trainer)
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return make_tokenizer()
 
 
 def randomize(hf: torch.nn.Module) -> None:
@@ -93,21 +97,24 @@ def randomize(hf: torch.nn.Module) -> None:
             weight.mul_(10)
 
 
+def make_folder(name: str, tokenizer: Tokenizer, folder: Path) -> Path:
+    """The case ``name`` as a transformers folder: random weights (:func:`randomize`), ``save_pretrained``, and the
+    tokenizer with its end-of-text token as the model's end of sequence."""
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    hf = build(name, tokenizer.get_vocab_size(), eot)
+    randomize(hf)
+    hf.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def folders(tokenizer, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
-    eot = tokenizer.token_to_id("<|endoftext|>")
-    out = {}
     torch.manual_seed(0)
-    for name in CASES:
-        hf = build(name, tokenizer.get_vocab_size(), eot)
-        randomize(hf)
-        hf.save_pretrained(root / name)
-        (root / name / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
-        (root / name / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
-        out[name] = root / name
-    return out
+    return {name: make_folder(name, tokenizer, root / name) for name in CASES}
 
 
 @functools.cache
@@ -345,3 +352,20 @@ def test_published_configs_map_onto_the_transformers_model_tensor_for_tensor(nam
         ours = GPT(config).state_dict()
     mapped = state_from_hf(config, theirs)  # every tensor of theirs used, none missing
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.items()}
+
+
+def test_gpt2_files_without_the_base_prefix_and_with_mask_buffers_load(folders, tmp_path):
+    """The original GPT-2 files name ``h.0.attn.c_attn.weight`` (no ``transformer.``) and hold each layer's causal
+    mask as ``h.0.attn.bias``; transformers loads them, and so do we."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(folders["gpt2"], tmp_path / "gpt2")
+    weights = {name.removeprefix("transformer."): t for name, t in load_file(folder / "model.safetensors").items()}
+    weights |= {f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64).tril() for i in range(2)}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    reference = load_model(folders["gpt2"])
+    x = ids(reference.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(folder)(x), reference(x), rtol=0, atol=0)
