@@ -7,7 +7,6 @@ Nothing here imports transformers: folders are read and written as JSON and safe
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,11 +60,6 @@ class Family:
     """Name endings of tensors in some folders that are not weights (buffers saved by older transformers)."""
 
 
-def block_names(i: int) -> tuple[str, str]:
-    """Our prefix and transformers' (``model.layers.i.``) for block ``i`` of a Llama-style model."""
-    return f"transformer.h.{i}.", f"model.layers.{i}."
-
-
 def decoder_weights(config: GPTConfig, norms: dict[str, str]) -> list[WeightEntry]:
     """The weight map of a Llama-style model (``model.embed_tokens``, ``model.layers.i.self_attn.q_proj``, ...):
     q/k/v fused into our ``c_attn``, gate/up into our ``c_fc``. ``norms``: our block norm -> theirs, the one thing
@@ -79,7 +73,7 @@ def decoder_weights(config: GPTConfig, norms: dict[str, str]) -> list[WeightEntr
     if not config.tie_embeddings:
         entries.append(WeightEntry("lm_head.weight", ("lm_head.weight",)))
     for i in range(config.n_layer):
-        ours, theirs = block_names(i)
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
         entries += [WeightEntry(f"{ours}{o}.weight", (f"{theirs}{t}.weight",)) for o, t in norms.items()]
         if config.qk_norm:
             entries += [WeightEntry(f"{ours}attn.{n}.weight", (f"{theirs}self_attn.{n}.weight",)) for n in ("q_norm", "k_norm")]
@@ -176,7 +170,9 @@ def layer_types(config: GPTConfig) -> list[str]:
 def decoder_config(hf: dict[str, Any], defaults: dict[str, Any], **fields: Any) -> GPTConfig:
     """Our config from the keys every Llama-style config.json shares (``defaults``: the family's values for keys a
     folder may leave out); ``fields``: what the family sets itself."""
-    get = lambda key: hf.get(key, defaults.get(key))  # noqa: E731
+    def get(key: str) -> Any:
+        return hf.get(key, defaults.get(key))
+
     n_head = hf["num_attention_heads"]
     return GPTConfig(
         **{
@@ -224,8 +220,3 @@ def require(hf: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any
     value = hf.get(key, default)
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not supported; supported: {', '.join(map(repr, allowed))}")
-
-
-def sqrt_width(config: GPTConfig) -> float:
-    """Gemma's embedding scale."""
-    return math.sqrt(config.n_embd)
