@@ -551,7 +551,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         x = self.transformer.wte(idx)
         if self.config.embed_scale is not None:
-            x = x * self.config.embed_scale
+            # Rounded to the embedding's dtype first, as Gemma does (in bf16 sqrt(1152) = 33.94 becomes 34).
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         ropes = {None: None}
