@@ -4,7 +4,9 @@ Byte-level means every UTF-8 string round-trips exactly (Chinese, emoji, tabs, C
 alphabet is the 256 byte values, and BPE merges frequent byte sequences into tokens.
 
 A pretrained model's tokenizer (a transformers folder's ``tokenizer.json``, or GPT-2's ``vocab.json`` +
-``merges.txt``) is used as it is, if byte-level (GPT-2, Qwen, Llama 3). Its conventions come from the
+``merges.txt``) is used as it is, if it can spell every text: byte-level (GPT-2, Qwen, Llama 3), or
+sentencepiece-style with byte fallback (Llama 2, Mistral, Gemma: ``▁`` for a space, ``<0xNN>`` tokens for
+the bytes of characters outside its vocabulary). Its conventions come from the
 tokenizer itself, so a checkpoint that holds only ``tokenizer.json`` keeps them: the end-of-text token
 (documents are separated by it, generation stops at it) is the first of :data:`END_OF_TEXT` it has; a
 beginning-of-text token starts each document when its post-processor adds one (what transformers'
@@ -216,6 +218,30 @@ def is_byte_fallback(tokenizer: Tokenizer) -> bool:
     """Whether ``tokenizer`` is sentencepiece-style with byte fallback: a character outside its vocabulary
     is spelt as ``<0xNN>`` tokens, one per UTF-8 byte, and ``▁`` stands for a space."""
     return bool(getattr(tokenizer.model, "byte_fallback", False))
+
+
+def continuation_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` for text that continues a document: without the space a sentencepiece-style tokenizer puts
+    before each text it encodes (its normalizer's ``Prepend("▁")``, its Metaspace pre-tokenizer's
+    ``prepend_scheme``); ``tokenizer`` itself where it puts none. A document encoded in pieces (a file's lines)
+    then gets one such space, at its start, as when it is encoded whole, and its tokens spell its bytes."""
+    spec = json.loads(tokenizer.to_str())
+
+    def without_prepend(step: dict | None) -> dict | None:
+        if step is None or step.get("type") == "Prepend":
+            return None
+        if step.get("type") == "Metaspace":
+            step = {**step, "prepend_scheme": "never"}
+            if "add_prefix_space" in step:  # the form tokenizers wrote before prepend_scheme
+                step["add_prefix_space"] = False
+            return step
+        for key in ("normalizers", "pretokenizers"):
+            if key in step:
+                return {**step, key: [s for s in map(without_prepend, step[key]) if s is not None]}
+        return step
+
+    changed = {**spec, "normalizer": without_prepend(spec.get("normalizer")), "pre_tokenizer": without_prepend(spec.get("pre_tokenizer"))}
+    return tokenizer if changed == spec else Tokenizer.from_str(json.dumps(changed))
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:

@@ -5,14 +5,17 @@ random transformers Llama folder that generates (valid UTF-8) and is evaluated (
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lm_lightning.data.cache import iter_document_ids
+from lm_lightning.data.corpus import resolve_sources
 from lm_lightning.evaluate import evaluate_model
 from lm_lightning.generate import TextGenerator
 from lm_lightning.pretrained import load_source
-from lm_lightning.tokenizer import begin_of_text, is_byte_fallback, token_bytes
+from lm_lightning.tokenizer import begin_of_text, continuation_tokenizer, is_byte_fallback, token_bytes, train_tokenizer
 
 from conftest import CHINESE, english_text, run_main
 
@@ -111,6 +114,36 @@ def test_token_bytes_spell_the_text_the_decoder_and_transformers_decode(styled, 
     decoded = spelt.removeprefix(" ") if style != "gemma" else spelt
     assert tokenizer.decode(ids) == decoded == (text if style != "metaspace" else text.removeprefix(" "))
     assert PreTrainedTokenizerFast(tokenizer_object=tokenizer).decode(ids) == decoded
+
+
+def test_a_document_encoded_in_pieces_gets_one_leading_space(styled):
+    """Training encodes a file line by line: the lines after the first go through ``continuation_tokenizer``, so
+    the document's tokens spell its bytes with one prepended space, as when it is encoded whole."""
+    style, tokenizer = styled
+    text = "我爱北京天安门\n  two spaces\nHello, world!\n" * 3
+    lines = text.splitlines(keepends=True)
+    continuation = continuation_tokenizer(tokenizer)
+    ids = tokenizer.encode(lines[0], add_special_tokens=False).ids
+    for line in lines[1:]:
+        ids += continuation.encode(line, add_special_tokens=False).ids
+    assert b"".join(token_bytes(tokenizer)[i] for i in ids) == prepended(style, text).encode("utf-8")
+    assert (continuation is tokenizer) == (style == "gemma")
+    byte_level = train_tokenizer([text], 300)
+    assert continuation_tokenizer(byte_level) is byte_level
+
+
+def test_training_reads_a_file_as_the_tokenizer_encodes_it_whole(styled, tmp_path):
+    """The token cache's rule (``iter_document_ids``, line by line): the tokens of the document encoded whole, so
+    ``val/bpb`` counts its bytes and one prepended space (none for Gemma)."""
+    style, tokenizer = styled
+    text = "我爱北京天安门\nHello, world!\n\n  indented\n" * 50
+    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    pieces = list(iter_document_ids(resolve_sources(str(tmp_path / "doc.txt"))[0], "text", tokenizer, np.int64, lambda t: None))
+    ids = np.concatenate(pieces).tolist()
+    assert ids[0] == (1 if style != "gemma" else ids[0]) and ids[-1] == 2  # <s> (added by the post-processor), </s>
+    body = [i for i in ids if i not in (1, 2)]
+    assert b"".join(token_bytes(tokenizer)[i] for i in body) == prepended(style, text).encode("utf-8")
+    assert body == tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def transformers_llama_folder(tmp_path, tokenizer: Tokenizer, add_bos_token: bool):
