@@ -65,7 +65,7 @@ def generate(
             or a transformers GPT-2, Llama or Qwen3 folder (config.json, safetensors weights, its tokenizer).
         prompt: Text to continue. Empty: start a new document (from the end-of-text token).
         prompt_file: Read the prompt from this UTF-8 file instead; ``-`` reads standard input.
-        num_samples: Samples to generate, in one batch (at most 1024, ``MAX_NUM_SAMPLES``; and as many as the
+        num_samples: Samples to generate, in one batch (at most 1024, and as many as the
             device has memory for).
         stream: Print the first sample token by token as it is generated (the others follow when done).
         device: ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto`` picks a GPU if there is one.

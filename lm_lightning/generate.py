@@ -158,6 +158,14 @@ class Utf8Guard:
         blocked = after == DEAD
         boundary_only = np.flatnonzero(lengths == 0).tolist() + [i for i in boundary_only if 0 <= i < len(table)]
         blocked[BOUNDARY + 1 :, boundary_only] = True
+        # A vocabulary without the bytes to finish some character (a byte-fallback one missing <0xNN> tokens): block
+        # the tokens that lead into a state with no way on, until none is left, so sampling never meets a dead end.
+        for _ in range(N_STATES):
+            dead_end = np.append(blocked.all(axis=1), True)
+            newly = ~blocked & dead_end[after]
+            if not newly.any():
+                break
+            blocked |= newly
         # On the last step, a token that ends between characters where one is allowed: the sample ends whole.
         unfinished = blocked | (after != BOUNDARY)
         last_blocked = np.where(unfinished.all(axis=1, keepdims=True), blocked, unfinished)

@@ -201,3 +201,11 @@ def test_cli_generate_valid_utf8_flag(random_generator, tmp_path, capsys):
     assert run_main("generate", "--ckpt_path", str(folder), "--prompt", PROMPT, "--max_new_tokens", "30", "--stream",
                     "--seed", "2", "--temperature", "1.0", "--device", "cpu") == 0
     assert "\ufffd" not in capsys.readouterr().out
+
+
+def test_a_lead_byte_the_vocabulary_cannot_finish_is_never_allowed():
+    # ED needs a byte 80-9F next; this vocabulary has only A0 (which E6 may take): ED would be a dead end.
+    table = [bytes([b]) for b in range(0x80)] + [b"\xed", b"\xa0", b"\xe6"]
+    guard = Utf8Guard(table)
+    assert guard.blocked[BOUNDARY, 0x80] and not guard.blocked[BOUNDARY, 0x82]
+    assert walk(guard, [0x82, 0x81, 0x81]) == BOUNDARY  # E6 A0 A0 is U+6800
