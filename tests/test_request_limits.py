@@ -111,7 +111,7 @@ def scoring_server(folder, tmp_path_factory):
     from mlflow.pyfunc import scoring_server
 
     path = tmp_path_factory.mktemp("pyfunc") / "model"
-    warnings.filterwarnings("ignore", "An input example was not provided")  # the signature says what to send
+    warnings.filterwarnings("ignore", ".*An input example was not provided")  # the signature says what to send
     mlflow.pyfunc.save_model(path, python_model=str(SERVING), artifacts={"pretrained": str(folder)}, code_paths=[str(PACKAGE)],
                              signature=SIGNATURE, pip_requirements=[])
     app = scoring_server.init(mlflow.pyfunc.load_model(str(path)))
