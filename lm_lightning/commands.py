@@ -17,7 +17,7 @@ from lm_lightning.cli import did_you_mean, option_strings
 from lm_lightning.export import export_pretrained
 from lm_lightning.errors import UserError
 from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation
-from lm_lightning.generate import Sampling, SamplingError, TextGenerator
+from lm_lightning.generate import Sampling, TextGenerator, check_num_samples
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
@@ -25,17 +25,28 @@ def _warn(message, category, filename, lineno, file=None, line=None) -> None:
 
 
 def _read_prompt(prompt: str, prompt_file: str | None) -> str:
+    """The prompt: ``prompt``, or the text of ``prompt_file`` (``-``: standard input) read byte for byte, so CRLF
+    and CR stay as they are."""
     if prompt_file is None:
         return prompt
     if prompt:
         raise UserError("pass --prompt or --prompt_file, not both")
-    if prompt_file == "-":
-        return sys.stdin.read()
     path = Path(prompt_file)
-    if not path.is_file():
+    if prompt_file == "-":
+        data, path = sys.stdin.buffer.read(), "standard input"
+    elif path.is_dir():
+        raise UserError(f"prompt file {path} is a directory; pass a UTF-8 text file, or - for standard input")
+    elif not path.is_file():
         raise UserError(f"prompt file {path} does not exist; pass an existing UTF-8 file, or - for standard input")
-    with open(path, encoding="utf-8", newline="") as f:  # byte for byte: CRLF and CR stay as they are
-        return f.read()
+    else:
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"prompt file {path} is not UTF-8: undecodable byte 0x{data[e.start]:02x} at byte offset {e.start}; "
+            "convert it (e.g. iconv -f GB18030 -t UTF-8)"
+        ) from None
 
 
 def generate(
@@ -54,14 +65,15 @@ def generate(
             or a transformers GPT-2, Llama or Qwen3 folder (config.json, safetensors weights, its tokenizer).
         prompt: Text to continue. Empty: start a new document (from the end-of-text token).
         prompt_file: Read the prompt from this UTF-8 file instead; ``-`` reads standard input.
-        num_samples: Samples to generate, in one batch.
+        num_samples: Samples to generate, in one batch (at most 1024, and as many as the
+            device has memory for).
         stream: Print the first sample token by token as it is generated (the others follow when done).
         device: ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto`` picks a GPU if there is one.
-        sampling: How tokens are drawn (``Sampling``): max_new_tokens, temperature, top_k, top_p, seed, stop.
+        sampling: How tokens are drawn (``Sampling``): max_new_tokens (at most 32768), temperature, top_k, top_p,
+            seed, stop, valid_utf8.
     """
     settings = Sampling(**sampling)
-    if num_samples < 1:
-        raise SamplingError(f"num_samples={num_samples} must be at least 1")
+    check_num_samples(num_samples)
     text = _read_prompt(prompt, prompt_file)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +134,7 @@ def evaluate(
     scores = evaluate_model(model, tokenizer, data.path, stride, batch_size)
     run_id = None
     if mlflow:
-        stride = stride or model.config.block_size
+        stride = model.config.block_size if stride is None else stride
         run_id = log_evaluation(scores, ckpt_path, data.path, source_run_id, stride, experiment_name, tracking_uri)
     if json_output:
         print(json.dumps({**asdict(scores), "mlflow_run_id": run_id}))

@@ -1,5 +1,5 @@
 """Scoring a model on text: every token of the files once, in windows of the model's context, as training reads
-documents (joined with end-of-text tokens). Loss, perplexity and bits per UTF-8 byte, exact per target token."""
+documents (joined with end-of-text tokens). Loss, perplexity and bits per UTF-8 byte of the text, exact."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from lm_lightning.data.corpus import DataError, resolve_sources
 from lm_lightning.errors import UserError
 from lm_lightning.model import GPT
 from lm_lightning.pretrained import load_source
-from lm_lightning.tokenizer import end_of_text, token_bytes
+from lm_lightning.tokenizer import end_of_text
 
 
 @dataclass
@@ -35,13 +36,32 @@ class Scores:
     corpus_sha256: str
 
 
-def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text") -> tuple[np.ndarray, str]:
-    """The ids of every document of ``path`` (as ``data.path`` reads it), each followed by end-of-text, after one
-    end-of-text that starts the first document; and the corpus hash that training's token cache records."""
-    ids, corpus_hash = [np.array([end_of_text(tokenizer)], dtype=np.int64)], hashlib.sha256()
+class Corpus(NamedTuple):
+    """The text to score, as token ids."""
+
+    tokens: np.ndarray
+    """The ids of every document, each followed by end-of-text, after one end-of-text that starts the first."""
+    sha256: str
+    """The corpus hash that training's token cache records."""
+    n_bytes: int
+    """UTF-8 bytes of the text."""
+
+
+def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text") -> Corpus:
+    """The :class:`Corpus` of ``path`` (a file, folder or glob, as ``data.path`` reads it)."""
+    ids, corpus_hash, n_bytes = [np.array([end_of_text(tokenizer)], dtype=np.int64)], hashlib.sha256(), 0
+
+    def seen(text: str) -> None:
+        nonlocal n_bytes
+        data = text.encode("utf-8")
+        corpus_hash.update(data)
+        n_bytes += len(data)
+
     for source in resolve_sources(path):
-        ids.extend(iter_document_ids(source, jsonl_field, tokenizer, np.int64, lambda t: corpus_hash.update(t.encode("utf-8"))))
-    return np.concatenate(ids), corpus_hash.hexdigest()
+        ids.extend(iter_document_ids(source, jsonl_field, tokenizer, np.int64, seen))
+    if n_bytes == 0:
+        raise DataError(f"{path} holds no text (0 bytes): there is nothing to score; pass a file with text in it")
+    return Corpus(np.concatenate(ids), corpus_hash.hexdigest(), n_bytes)
 
 
 def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -59,20 +79,16 @@ def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @torch.inference_mode()
-def score(
-    model: GPT, tokenizer: Tokenizer, tokens: np.ndarray, stride: int | None = None, batch_size: int = 8
-) -> tuple[float, int, int]:
-    """Summed nats, target tokens and their UTF-8 bytes of ``model`` on ``tokens``."""
+def score(model: GPT, tokens: np.ndarray, stride: int | None = None, batch_size: int = 8) -> tuple[float, int]:
+    """Summed nats and the number of target tokens of ``model`` on ``tokens``."""
     block_size = model.config.block_size
-    stride = stride or block_size
+    stride = block_size if stride is None else stride
     if not 1 <= stride <= block_size:
         raise UserError(f"stride={stride} must be between 1 and the model's block_size ({block_size})")
     if len(tokens) < 2:
         raise DataError("the text holds no tokens to score")
-    device = model.lm_head.weight.device
-    n_bytes = torch.tensor([len(b) for b in token_bytes(tokenizer)], device=device)
-    data = torch.from_numpy(tokens).to(device)
-    nats, n_tokens, total_bytes = 0.0, 0, 0
+    data = torch.from_numpy(tokens).to(model.lm_head.weight.device)
+    nats, n_tokens = 0.0, 0
     spans = windows(len(tokens), block_size, stride)
     # Batches of windows of one length: all but the last window are block_size long.
     for group in (spans[:-1], spans[-1:]):
@@ -84,8 +100,7 @@ def score(
             for row, (_, _, new) in enumerate(batch):
                 nats += losses[row, -new:].double().sum().item()
                 n_tokens += new
-                total_bytes += int(n_bytes[targets[row, -new:]].sum())
-    return nats, n_tokens, total_bytes
+    return nats, n_tokens
 
 
 def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | None]:
@@ -98,10 +113,12 @@ def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | Non
 
 def evaluate_model(model: GPT, tokenizer: Tokenizer, path: str, stride: int | None = None, batch_size: int = 8) -> Scores:
     """``Scores`` of ``model`` on the text of ``path`` (a file, folder or glob, as ``data.path``)."""
-    tokens, corpus_hash = read_tokens(path, tokenizer)
-    nats, n_tokens, n_bytes = score(model, tokenizer, tokens, stride, batch_size)
+    corpus = read_tokens(path, tokenizer)
+    nats, n_tokens = score(model, corpus.tokens, stride, batch_size)
     loss = nats / n_tokens
-    return Scores(loss, math.exp(loss), nats / math.log(2) / max(n_bytes, 1), n_tokens, n_bytes, corpus_hash)
+    # Bits per byte of the text itself: a sentencepiece tokenizer's tokens also spell the space it puts before
+    # each text (``▁``), which is no byte of the text.
+    return Scores(loss, math.exp(loss), nats / math.log(2) / corpus.n_bytes, n_tokens, corpus.n_bytes, corpus.sha256)
 
 
 def log_evaluation(

@@ -4,7 +4,9 @@ Byte-level means every UTF-8 string round-trips exactly (Chinese, emoji, tabs, C
 alphabet is the 256 byte values, and BPE merges frequent byte sequences into tokens.
 
 A pretrained model's tokenizer (a transformers folder's ``tokenizer.json``, or GPT-2's ``vocab.json`` +
-``merges.txt``) is used as it is, if byte-level (GPT-2, Qwen, Llama 3). Its conventions come from the
+``merges.txt``) is used as it is, if it can spell every text: byte-level (GPT-2, Qwen, Llama 3), or
+sentencepiece-style with byte fallback (Llama 2, Mistral, Gemma: ``▁`` for a space, ``<0xNN>`` tokens for
+the bytes of characters outside its vocabulary). Its conventions come from the
 tokenizer itself, so a checkpoint that holds only ``tokenizer.json`` keeps them: the end-of-text token
 (documents are separated by it, generation stops at it) is the first of :data:`END_OF_TEXT` it has; a
 beginning-of-text token starts each document when its post-processor adds one (what transformers'
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -205,23 +208,71 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+SPACE_MARK = "\u2581"
+"""``▁``: how sentencepiece-style tokenizers (Llama 2, Mistral, Gemma) write a space inside a token."""
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def is_byte_fallback(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` is sentencepiece-style with byte fallback: a character outside its vocabulary
+    is spelt as ``<0xNN>`` tokens, one per UTF-8 byte, and ``▁`` stands for a space."""
+    return bool(getattr(tokenizer.model, "byte_fallback", False))
+
+
+def continuation_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` for text that continues a document: without the space a sentencepiece-style tokenizer puts
+    before each text it encodes (its normalizer's ``Prepend("▁")``, its Metaspace pre-tokenizer's
+    ``prepend_scheme``); ``tokenizer`` itself where it puts none. A document encoded in pieces (a file's lines)
+    then gets one such space, at its start, as when it is encoded whole, and its tokens spell its bytes."""
+    spec = json.loads(tokenizer.to_str())
+
+    def without_prepend(step: dict | None) -> dict | None:
+        if step is None or step.get("type") == "Prepend":
+            return None
+        if step.get("type") == "Metaspace":
+            step = {**step, "prepend_scheme": "never"}
+            if "add_prefix_space" in step:  # the form tokenizers wrote before prepend_scheme
+                step["add_prefix_space"] = False
+            return step
+        for key in ("normalizers", "pretokenizers"):
+            if key in step:
+                return {**step, key: [s for s in map(without_prepend, step[key]) if s is not None]}
+        return step
+
+    changed = {**spec, "normalizer": without_prepend(spec.get("normalizer")), "pre_tokenizer": without_prepend(spec.get("pre_tokenizer"))}
+    return tokenizer if changed == spec else Tokenizer.from_str(json.dumps(changed))
+
+
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """The UTF-8 bytes each token id stands for; special tokens stand for no bytes of text, other added
-    tokens for their text. A tokenizer that is not byte-level (sentencepiece-style, ``▁`` and ``<0xNN>``
-    tokens) raises :class:`TokenizerError`."""
-    decoder = _byte_decoder()
+    tokens for their text.
+
+    Byte-level tokenizers (GPT-2, Qwen, Llama 3) spell bytes in GPT-2's byte-to-character alphabet.
+    Byte-fallback ones (Llama 2, Mistral, Gemma, TinyLlama) have ``<0xNN>`` tokens of one byte each and
+    write a space as ``▁`` (so ``▁the`` is `` the``: the space a sentencepiece tokenizer puts before the
+    first word of a text is counted, as the tokenizer's decoder drops it only at the start of a whole
+    decode). Any other tokenizer raises :class:`TokenizerError`: it cannot spell every text.
+    """
     added = tokenizer.get_added_tokens_decoder()
+    byte_fallback = is_byte_fallback(tokenizer)
+    decoder = _byte_decoder()
     table = []
     for i in range(tokenizer.get_vocab_size()):
         if i in added:
             table.append(b"" if added[i].special else added[i].content.encode("utf-8"))
             continue
-        token = tokenizer.id_to_token(i)
+        token = tokenizer.id_to_token(i) or ""
+        if byte_fallback:
+            byte = _BYTE_TOKEN.fullmatch(token)
+            table.append(bytes([int(byte[1], 16)]) if byte else token.replace(SPACE_MARK, " ").encode("utf-8"))
+            continue
         try:
-            table.append(bytes(decoder[c] for c in token or ""))
+            table.append(bytes(decoder[c] for c in token))
         except KeyError:
             raise TokenizerError(
-                f"the tokenizer is not byte-level (token {i} is {token!r}): only byte-level BPE tokenizers are "
-                "supported (GPT-2, Qwen, Llama 3; not sentencepiece-style ones such as Llama 2's)"
+                f"the tokenizer is not byte-level (token {i} is {token!r}) and has no byte fallback (<0xNN> tokens): "
+                "only tokenizers that can spell every text are supported (byte-level BPE as GPT-2, Qwen and Llama 3 "
+                "have; sentencepiece-style BPE with byte_fallback as Llama 2, Mistral and Gemma have)"
             ) from None
     return table

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lm_lightning.data.corpus import READ_BLOCK, BUILTIN_CORPUS, DataError, Source, iter_documents, iter_sample, resolve_sources
 from lm_lightning.files import WriteError, atomic_write_text, file_lock, remove_stale_temporaries, temporary_path
-from lm_lightning.tokenizer import begin_of_text, end_of_text, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
+from lm_lightning.tokenizer import begin_of_text, continuation_tokenizer, end_of_text, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
 
 CACHE_FORMAT = 2
 SPLITS = ("train", "val")
@@ -129,13 +129,19 @@ def iter_document_ids(
     adds one), the text's ids, end-of-text. ``seen`` is called with each piece of text before it is encoded.
     Training's token cache and ``evaluate`` read a corpus through this one rule."""
     eot, bos = end_of_text(tokenizer), begin_of_text(tokenizer)
+    # A sentencepiece-style tokenizer puts "▁" before every text it encodes: only a document's first piece gets it.
+    continuation = continuation_tokenizer(tokenizer)
     for doc in iter_documents(source, jsonl_field):
         if bos is not None:
             yield np.asarray([bos], dtype=dtype)
+        first = True
         for batch in iter_batches(doc, _ENCODE_BATCH):
             for text in batch:
                 seen(text)
-            encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+            encodings = continuation.encode_batch(batch, add_special_tokens=False)
+            if first and continuation is not tokenizer:
+                encodings[0] = tokenizer.encode(batch[0], add_special_tokens=False)
+            first = False
             yield np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
         yield np.asarray([eot], dtype=dtype)
 

@@ -21,7 +21,7 @@ from lm_lightning.generate import Sampling
 
 PACKAGE = Path(__file__).parents[1]  # lm_lightning, which travels with the model as its code
 SERVING = Path(__file__).with_name("serving.py")
-_MLFLOW_TYPES = {"int": "long", "float": "double"}
+_MLFLOW_TYPES = {"int": "long", "float": "double", "bool": "boolean"}
 
 
 def _param_spec(f: dataclasses.Field) -> ParamSpec:
