@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 BUILTIN = "builtin:pydoc_data"
@@ -42,7 +43,9 @@ def dataset_entity(data_path: str | None, digest: str, profile: dict):
     else:
         path = Path(str(data_path)).expanduser()
         uri = str(path if any(c in str(path) for c in "*?[") else path.resolve())
-    source = resolve_dataset_source(uri)
+    with warnings.catch_warnings():  # MLflow registers the local source twice, then warns that it matches twice
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
     entity = MetaDataset(source, name=corpus_name(data_path), digest=digest)._to_mlflow_entity()
     return Dataset(entity.name, entity.digest, entity.source_type, entity.source, entity.schema, json.dumps(profile))
 

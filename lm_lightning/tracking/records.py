@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lm_lightning.tracking.datasets import BUILTIN, corpus_inputs
 from lm_lightning.tracking.journal import unreachable
 from lm_lightning.tracking.logger import mlflow_logger
-from lm_lightning.tracking.store import mark_model_training
+from lm_lightning.tracking.ui import prepare_experiment, run_address
 
 # The keys a person compares runs by; the whole resolved config is the run's config.yaml artifact.
 PARAM_KEYS = (
@@ -96,7 +96,7 @@ class MLflowRunInfo(L.Callback):
             tags["data.path"] = str(datamodule.path or BUILTIN)
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
-        mark_model_training(logger.experiment, logger.experiment_id)
+        prepare_experiment(logger.experiment, logger.experiment_id)
         if datamodule is not None and datamodule.meta:
             log_corpus(logger, datamodule, splits)
         if pl_module.tokenizer_json:
@@ -154,9 +154,9 @@ class MLflowRunInfo(L.Callback):
 
 
 def ui_address(logger: MLFlowLogger) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or where a plain ``mlflow ui`` serves a local store."""
-    base = logger._tracking_uri if str(logger._tracking_uri).startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{logger.experiment_id}/runs/{logger.run_id}"
+    """The run's page in the MLflow UI (model-training layout): on the tracking server, or where a plain ``mlflow ui``
+    serves a local store."""
+    return run_address(str(logger._tracking_uri), logger.experiment_id, logger.run_id)
 
 
 def best_scores(trainer) -> dict:
