@@ -50,20 +50,21 @@ def dataset_entity(data_path: str | None, digest: str, profile: dict):
     return Dataset(entity.name, entity.digest, entity.source_type, entity.source, entity.schema, json.dumps(profile))
 
 
-def corpus_inputs(data_path: str | None, meta: dict, val_fraction: float, test_fraction: float) -> list:
-    """The dataset inputs of a run that trains on the corpus of a token cache's ``meta``: one per split it has
-    (training, validation, testing), each with its token count as the dataset's profile."""
+def corpus_inputs(data_path: str | None, meta: dict, splits: tuple[str, ...], fractions: tuple[float, float]) -> list:
+    """The dataset inputs of a run that reads ``splits`` (``train``, ``val``, ``test``) of the corpus of a token
+    cache's ``meta``, split at ``fractions`` (validation, test): one per split, each with its token count as the
+    dataset's profile."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     inputs = []
-    for split, context in CONTEXTS.items():
+    for split in splits:
         tokens = meta.get(f"{split}_tokens")
         if not tokens:
             continue
-        digest = split_digest(meta["corpus_sha256"], split, (val_fraction, test_fraction))
+        digest = split_digest(meta["corpus_sha256"], split, fractions)
         entity = dataset_entity(data_path, digest, {"tokens": int(tokens), "tokenizer": meta.get("tokenizer")})
-        inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, CONTEXTS[split])]))
     return inputs
 
 

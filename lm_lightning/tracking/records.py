@@ -159,13 +159,6 @@ def ui_address(logger: MLFlowLogger) -> str:
     return run_address(str(logger._tracking_uri), logger.experiment_id, logger.run_id)
 
 
-def best_scores(trainer) -> dict:
-    """The best validation scores so far and their step (``BestScores.best``); empty before any validation."""
-    from lm_lightning.callbacks import BestScores  # callbacks imports this module
-
-    return next((c.best for c in trainer.callbacks if isinstance(c, BestScores)), {})
-
-
 def best_logged_step(logger: MLFlowLogger) -> int:
     """The step the best validation's metrics are logged at (that of the last ``best/val_bpb``): the logged model's
     step, whose metrics MLflow links to it."""
@@ -177,8 +170,7 @@ def log_corpus(logger: MLFlowLogger, datamodule, splits: tuple[str, ...]) -> Non
     """The corpus as the run's dataset inputs, one per split read (``training``, ``validation``, ``testing``): the
     MLflow UI's Dataset column and filter. A store that cannot be reached costs only these inputs."""
     hp = datamodule.hparams
-    meta = {key: value for key, value in datamodule.meta.items() if not key.endswith("_tokens") or key[: -len("_tokens")] in splits}
-    inputs = corpus_inputs(datamodule.path or BUILTIN, meta, hp.val_fraction, hp.test_fraction)
+    inputs = corpus_inputs(datamodule.path or BUILTIN, datamodule.meta, splits, (hp.val_fraction, hp.test_fraction))
     try:
         logger.experiment.log_inputs(logger.run_id, datasets=inputs)
     except Exception as e:
@@ -189,7 +181,9 @@ def log_corpus(logger: MLFlowLogger, datamodule, splits: tuple[str, ...]) -> Non
 
 def fit_summary(trainer, logger: MLFlowLogger | None, best: str) -> str:
     """The one line ``fit`` ends with: the best score, its step, the checkpoint and the run's address."""
-    scores = best_scores(trainer)
+    from lm_lightning.callbacks import BestScores  # callbacks imports this module
+
+    scores = next((c.best for c in trainer.callbacks if isinstance(c, BestScores)), {})
     parts = [f"best val/bpb {scores['val_bpb']:.4f} at step {scores['step']}" if scores else "no validation score"]
     if best:
         parts.append(f"checkpoint {Path(best).resolve()}")
