@@ -3,7 +3,8 @@ address ``lm-lightning sweep`` prints, then the chart view.
 
     python docs/screenshots.py http://127.0.0.1:5000 <experiment id> docs [run name prefixes to expand, bottom row first]
 
-Writes ``first-load.png`` (as it opens), ``runs-table.png`` (assistant closed, rows expanded) and ``chart-view.png``.
+Writes ``first-load.png`` (as it opens), ``runs-table.png`` (assistant closed, rows expanded), ``chart-view.png``
+and ``samples-view.png``.
 Needs Playwright (``pip install -e '.[docs]'``) and Chromium at ``/usr/bin/chromium``; it downloads no browser.
 """
 
@@ -41,7 +42,10 @@ with sync_playwright() as p:
         page.wait_for_timeout(1500)
     page.wait_for_timeout(2000)
     page.screenshot(path=f"{outdir}/runs-table.png")
-    page.get_by_role("radio").nth(1).click() if page.get_by_role("radio").count() > 1 else None
-    page.wait_for_timeout(8000)
-    page.screenshot(path=f"{outdir}/chart-view.png")
+    # The chart view and the artifact view: the second and third of the view icons left of the search box.
+    search = page.get_by_placeholder(re.compile("metrics")).first.bounding_box()
+    for name, left in (("chart-view", 132), ("samples-view", 84)):
+        page.mouse.click(search["x"] - left, search["y"] + search["height"] / 2)
+        page.wait_for_timeout(8000)
+        page.screenshot(path=f"{outdir}/{name}.png")
     ctx.close()
