@@ -117,13 +117,15 @@ def evaluate(
     Windows of the model's block_size run over the documents joined as in training (end-of-text between them).
 
     Args:
-        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, or a folder written by ``lm-lightning export``.
+        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, a folder written by ``lm-lightning export``, or
+            a transformers model folder (GPT-2, Llama or Qwen3: config.json, safetensors weights, tokenizer files).
         data: The text to score.
         stride: Tokens between the starts of consecutive windows. Unset: block_size (windows do not overlap).
             Smaller: windows overlap and each token is scored once, with more context (slower).
         batch_size: Windows per forward pass.
         json_output: Print the scores as one JSON object instead.
-        mlflow: Record the evaluation as an MLflow run (tag command=evaluate), in the checkpoint's experiment.
+        mlflow: Record the evaluation as an MLflow run (tag command=evaluate), named after the text, with the text as
+            its dataset input; nested under the checkpoint's run where that run is in the same experiment.
         experiment_name: MLflow experiment for the run. Unset: the checkpoint's run's experiment.
         tracking_uri: Where the run is recorded. Unset: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
         device: ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto`` picks a GPU if there is one.

@@ -130,25 +130,32 @@ def log_evaluation(
     experiment_name: str | None,
     tracking_uri: str | None,
 ) -> str:
-    """Record ``scores`` as an MLflow run (tag ``command=evaluate``); in the checkpoint's experiment unless
-    ``experiment_name`` is given. Returns the run id."""
+    """Record ``scores`` as an MLflow run (tag ``command=evaluate``) named after the text (``evaluate-tinyshakespeare-
+    a3f1``), with the text as its dataset input (context ``evaluation``); in the checkpoint's experiment unless
+    ``experiment_name`` is given. A run of the checkpoint's in the same experiment is its parent (the runs table shows
+    the evaluation under it); in another experiment of this store, the note links to it. Returns the run id."""
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
+    from lm_lightning.tracking.datasets import corpus_name, evaluation_input
     from lm_lightning.tracking.names import stamp
-    from lm_lightning.tracking.store import mark_model_training, mlflow_client, resolve_tracking_uri
+    from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri
+    from lm_lightning.tracking.ui import prepare_experiment
 
     client = mlflow_client(resolve_tracking_uri(tracking_uri))
-    experiment_id = None
-    if experiment_name is None and source_run_id:
+    source = None
+    if source_run_id:
         try:
-            experiment_id = client.get_run(source_run_id).info.experiment_id
+            source = client.get_run(source_run_id)
         except MlflowException:
             pass  # a checkpoint from another tracking store
-    if experiment_id is None:
+    if experiment_name is None and source is not None:
+        experiment_id = source.info.experiment_id
+    else:
         name = experiment_name or "lm_lightning"
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-        mark_model_training(client, experiment_id)
+        prepare_experiment(client, experiment_id)
     tags = {
         "command": "evaluate",
         "checkpoint": str(Path(ckpt_path).resolve()),
@@ -156,9 +163,16 @@ def log_evaluation(
         "corpus_sha256": scores.corpus_sha256,
         **({"source_run_id": source_run_id} if source_run_id else {}),
     }
-    run = client.create_run(experiment_id, tags=tags, run_name=f"evaluate-{Path(data_path).stem}-{stamp()}")
-    client.log_param(run.info.run_id, "stride", stride)
+    if source is not None and source.info.experiment_id == experiment_id:
+        tags[MLFLOW_PARENT_RUN_ID] = source_run_id
+    elif source is not None:
+        link = f"#/experiments/{source.info.experiment_id}/runs/{source_run_id}"
+        tags[MLFLOW_RUN_NOTE] = f"Scores the checkpoint of run [{source.info.run_name}]({link})."
+    run_name = f"evaluate-{corpus_name(data_path)}-{stamp()}"
+    run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+    client.log_inputs(run_id, datasets=[evaluation_input(data_path, scores.corpus_sha256, scores.tokens, scores.bytes)])
+    client.log_param(run_id, "stride", stride)
     for key in ("loss", "ppl", "bpb"):
-        client.log_metric(run.info.run_id, f"eval/{key}", getattr(scores, key))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        client.log_metric(run_id, f"eval/{key}", getattr(scores, key))
+    client.set_terminated(run_id)
+    return run_id

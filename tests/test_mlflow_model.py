@@ -27,7 +27,9 @@ def test_samples_leave_the_training_random_state_untouched(tiny_run):
 def test_best_model_is_an_mlflow_model_that_generates_text(tiny_run):
     mlflow.set_tracking_uri(tiny_run["tracking_uri"])
     uri = f"runs:/{tiny_run['run_id']}/model"
-    files = {a.path.split("/", 1)[1] for a in MlflowClient().list_artifacts(tiny_run["run_id"], "model")}
+    client = MlflowClient()
+    (output,) = client.get_run(tiny_run["run_id"]).outputs.model_outputs  # an MLflow 3 logged model, the run's output
+    files = {a.path for a in client.list_logged_model_artifacts(output.model_id)}
     assert {"MLmodel", "serving.py", "artifacts", "code", "requirements.txt"} <= files
     assert not any(f.endswith(".pkl") for f in files)  # models from code: nothing to unpickle
     model = mlflow.pyfunc.load_model(uri)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -67,14 +68,24 @@ def test_sweep_continues_on_rerun_and_best_yaml_trains_to_its_value(mlflow_store
         history = [m.value for m in client.get_metric_history(child.info.run_id, "val/bpb")]
         assert trial.value == pytest.approx(min(history))
         assert trial.user_attrs["overhead_s"] > 0
+        name = re.fullmatch(r"tiny-(\d+)-lr([0-9.e-]+)-layers(\d+)", child.info.run_name)  # what it sampled
+        assert name and int(name[1]) == trial.number and int(name[3]) == trial.params["model.n_layer"], child.info.run_name
+        assert float(name[2]) == pytest.approx(trial.params["model.learning_rate"], rel=0.05)
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")
     }
     expected = {"best.yaml", "base.yaml", "trials.csv", "plots/optimization_history.png",
-                "plots/param_importances.png", "plots/parallel_coordinate.png"}
+                "plots/param_importances.png", "plots/parallel_coordinate.png", "plots/optuna.html"}
     assert expected <= artifacts
+    html = Path(client.download_artifacts(parent.info.run_id, "plots/optuna.html", str(Path.cwd()))).read_text()
+    assert html.count("Plotly.newPlot") == 3  # interactive
+    assert "<script src=" not in html and len(html) > 1_000_000  # plotly.js inlined: the page needs no network
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["best/val_bpb"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["best.model.learning_rate"] == pytest.approx(study.best_params["model.learning_rate"])
+    assert parent.data.params["space.model.learning_rate"] == "{high: 0.02, log: true, low: 0.001}"
+    assert parent.data.params["sweep.metric"] == "val/bpb" and parent.data.params["sweep.direction"] == "minimize"
 
     best_yaml = Path(client.download_artifacts(parent.info.run_id, "best.yaml", str(Path.cwd())))
     assert yaml.safe_load(best_yaml.read_text())["model"]["learning_rate"] == study.best_params["model.learning_rate"]

@@ -52,4 +52,4 @@ def test_a_run_shorter_than_val_check_interval_validates_its_last_step(corpus, t
     run = only_run(client, "lm_lightning")
     assert [step for step, _ in metric_history(client, run.info.run_id, "val/loss")] == [9]
     assert list(Path.cwd().glob("runs/*/*/checkpoints/best.ckpt"))
-    assert "model" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert client.get_run(run.info.run_id).outputs.model_outputs  # the best model, logged

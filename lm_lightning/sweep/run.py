@@ -23,6 +23,8 @@ import yaml
 from optuna.trial import TrialState
 
 from lm_lightning.files import cache_root
+from lm_lightning.tracking.names import trial_name
+from lm_lightning.tracking.ui import prepare_experiment, runs_table_address
 from lm_lightning.tracking.store import mlflow_client, resolve_tracking_uri, sqlite_database, store_init_lock
 from lm_lightning.sweep.report import PRUNED_AT, RUN_ID, SECONDS_TO_TARGET, make_pruner
 from lm_lightning.sweep.settings import SweepError, SweepSettings, parse_sweep_args
@@ -180,6 +182,7 @@ class Sweep:
         with store_init_lock(self.tracking_uri):
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        prepare_experiment(self.client, experiment_id)
         runs = self.client.search_runs([experiment_id], f"tags.{PARENT_TAG} = '{self.settings.name}'", max_results=1)
         if runs:
             run_id = runs[0].info.run_id
@@ -187,12 +190,24 @@ class Sweep:
         else:
             tags = {PARENT_TAG: self.settings.name, "optuna.storage": self.storage, "sweep.metric": self.settings.metric}
             run_id = self.client.create_run(experiment_id, run_name=self.settings.name, tags=tags).info.run_id
+            self.client.log_batch(run_id, params=self._parent_params())
             self.client.log_dict(run_id, self.settings.space, "space.json")
             self.client.log_text(run_id, self.base_yaml, "base.yaml")
         folder = Path(lookup(self.base, "trainer.default_root_dir") or ".") / experiment_id / run_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "base.yaml").write_text(self.base_yaml, encoding="utf-8")
         return experiment_id, run_id, folder
+
+    def _parent_params(self) -> list:
+        """The parent run's params, as its first invocation set them: each key's search space (``space.model.
+        learning_rate`` = ``{low: 0.001, high: 0.01, log: true}``) and what the study optimises (``sweep.metric``...)."""
+        from mlflow.entities import Param
+
+        s = self.settings
+        settings = {"metric": s.metric, "direction": s.direction, "target": s.target, "pruner": s.pruner, "seed": s.seed}
+        return [Param(f"space.{key}", flag_value(spec)) for key, spec in s.space.items()] + [
+            Param(f"sweep.{key}", flag_value(value)) for key, value in settings.items() if value is not None
+        ]
 
     def run(self) -> None:
         """Runs the trials, then logs the summary to the parent run; Ctrl-C or SIGTERM stop the trial in flight."""
@@ -228,7 +243,7 @@ class Sweep:
         return [
             sys.executable, "-m", "lm_lightning.cli", "fit", "--config", str(self.folder / "base.yaml"),
             *as_flags(trial.params),
-            "--trainer.logger.init_args.run_name", f"{s.name}-{trial.number}",
+            "--trainer.logger.init_args.run_name", trial_name(s.name, trial.number, trial.params),
             "--trainer.logger.init_args.tags", json.dumps(tags),
             "--trainer.default_root_dir", str(self.folder),
             f"--trainer.callbacks+={json.dumps(report)}",
@@ -312,7 +327,7 @@ class Sweep:
         """A FAILED child run for a trial that failed before its own run began (say, a model shape that does not
         fit), so that every trial shows in MLflow with its values and error."""
         tags = {"mlflow.parentRunId": self.parent_id, "trial": str(trial.number), "error": error[:5000]}
-        run_id = self.client.create_run(self.experiment_id, run_name=f"{self.settings.name}-{trial.number}", tags=tags).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=trial_name(self.settings.name, trial.number, trial.params), tags=tags).info.run_id
         for key, value in trial.params.items():
             self.client.log_param(run_id, key, flag_value(value))
         self.client.set_terminated(run_id, "FAILED")
@@ -339,9 +354,14 @@ class Sweep:
             return
         best = study.best_trial
         self.client.log_metric(self.parent_id, "best_value", best.value, step=len(trials))
+        if self.settings.target is None:  # the objective is the metric: the column the trials' best scores are in
+            self.client.log_metric(self.parent_id, f"best/{self.settings.metric.replace('/', '_')}", best.value, step=len(trials))
+        self.client.log_metric(self.parent_id, "best_trial", best.number, step=len(trials))
         self.client.set_tag(self.parent_id, "best_trial", str(best.number))
-        for key, value in best.params.items():
+        for key, value in best.params.items():  # numbers as metrics (they change as the study goes on), all as tags
             self.client.set_tag(self.parent_id, f"best.{key}", flag_value(value))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.client.log_metric(self.parent_id, f"best.{key}", value, step=len(trials))
         best_yaml = self._best_yaml(best)
         (self.folder / "best.yaml").write_text(best_yaml, encoding="utf-8")
         self.client.log_text(self.parent_id, best_yaml, "best.yaml")
@@ -349,6 +369,7 @@ class Sweep:
         objective = f"seconds to {self.settings.metric} {self.settings.target}" if self.settings.target else self.settings.metric
         print(f"best: trial {best.number}, {objective} {best.value:.4f}, {flag_value(best.params)}")
         print(f"train it: lm-lightning fit --config {self.folder / 'best.yaml'}")
+        print(f"compare the trials: {runs_table_address(self.tracking_uri, self.experiment_id)} (mlflow ui)")
 
     def _best_yaml(self, best: optuna.trial.FrozenTrial) -> str:
         """The base config with the best trial's values: ``lm-lightning fit --config best.yaml`` trains it."""
@@ -363,22 +384,23 @@ class Sweep:
         return header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
     def _log_plots(self) -> None:
-        """Optuna's optimisation history, parameter importances and parallel coordinates, as PNG artifacts."""
+        """Optuna's optimisation history, parameter importances and parallel coordinates: each a PNG artifact (shown
+        inline by the MLflow UI), and all of them in ``plots/optuna.html``, interactive (plotly, its JavaScript
+        inlined: the page needs no network)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import optuna.visualization as interactive
         from optuna.visualization import matplotlib as plots
 
-        for name, plot in (
-            ("optimization_history", plots.plot_optimization_history),
-            ("param_importances", plots.plot_param_importances),
-            ("parallel_coordinate", plots.plot_parallel_coordinate),
-        ):
+        pages = []
+        for name in ("optimization_history", "param_importances", "parallel_coordinate"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
                 try:
-                    axes = plot(self.study)
+                    axes = getattr(plots, f"plot_{name}")(self.study)
+                    pages.append(getattr(interactive, f"plot_{name}")(self.study))
                 except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of fewer than 2 trials
                     print(f"no {name} plot yet: {e}")
                     continue
@@ -387,6 +409,10 @@ class Sweep:
             figure.tight_layout()
             self.client.log_figure(self.parent_id, figure, f"plots/{name}.png")
             plt.close(figure)
+        if pages:
+            html = [page.to_html(full_html=False, include_plotlyjs=i == 0) for i, page in enumerate(pages)]
+            title = f"<title>sweep {self.settings.name}</title>"
+            self.client.log_text(self.parent_id, f"<html><head><meta charset='utf-8'>{title}</head><body>{''.join(html)}</body></html>", "plots/optuna.html")
 
 
 def main(args: list[str]) -> None:

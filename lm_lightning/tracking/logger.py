@@ -15,13 +15,40 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_lightning.errors import UserError
-from lm_lightning.tracking.journal import Journal, JournaledClient, bound_http_retries, store_errors
+from lm_lightning.tracking.journal import Journal, JournaledClient, bound_http_retries, store_errors, unreachable
 from lm_lightning.tracking.store import resolve_tracking_uri, store_init_lock
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
     """The trainer's MLflow logger, if it has one."""
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, resumed: bool):
+    """MLflow's system metrics monitor on the run (``system/cpu_utilization_percentage``, ``system/gpu_0_...``),
+    which ``mlflow.start_run(log_system_metrics=True)`` would start: the logger drives an ``MlflowClient``, not a
+    fluent run. It samples in a thread and writes with its own client; a resumed run continues its steps."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not three INFO lines on every fit
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor, after one last sample: a run shorter than the sampling interval has its system metrics too.
+    A store that cannot be reached then costs these samples only."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:
+        if not unreachable(e):
+            raise
 
 
 class MLflowLogger(MLFlowLogger):
@@ -33,6 +60,8 @@ class MLflowLogger(MLFlowLogger):
         tags: dict[str, str] | None = None,
         log_model: bool = True,
         run_id: str | None = None,
+        registered_model_name: str | None = None,
+        log_system_metrics: bool = True,
     ):
         """Records the run in MLflow: params, metrics, tags and artifacts.
 
@@ -44,10 +73,17 @@ class MLflowLogger(MLFlowLogger):
                 what a plain ``mlflow ui`` there shows. Lightning's own default, a ``./mlruns`` file store,
                 raises on MLflow 3.
             tags: Extra tags for the run.
-            log_model: Log the best checkpoint as a servable MLflow model (``model``) when training ends. The
-                checkpoints themselves stay in the run's folder, named by the run's ``best_checkpoint`` tag.
+            log_model: Log the best checkpoint as a servable MLflow logged model (``model``, at the best validation's
+                step, with that step's metrics) when training ends. The checkpoints themselves stay in the run's
+                folder, named by the run's ``best_checkpoint`` tag.
             run_id: Continue this existing run instead of starting a new one. ``--ckpt_path`` sets it to the
                 checkpoint's run.
+            registered_model_name: Also register the logged model as a new version of this registered model (created
+                if need be) in MLflow's model registry; its alias ``best`` points at the version with the lowest
+                ``best/val_bpb``.
+            log_system_metrics: Record CPU, memory, disk and network use (and GPU use, with ``nvidia-ml-py``
+                installed) as ``system/*`` metrics, every 10 s (``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``),
+                with MLflow's system metrics monitor.
         """
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name = experiment_name
@@ -55,6 +91,9 @@ class MLflowLogger(MLFlowLogger):
         self.journal_dir: Path | None = None  # set by LastCheckpoint: the run's folder, next to its checkpoints
         self._journaled: JournaledClient | None = None
         self._status_before = "FINISHED"  # of a resumed run, when it is opened
+        self.registered_model_name = registered_model_name
+        self.log_system_metrics = log_system_metrics
+        self._system_metrics = None  # MLflow's SystemMetricsMonitor, from the run's start to its end
         bound_http_retries()
         with store_init_lock(self.tracking_uri):
             super().__init__(
@@ -89,6 +128,8 @@ class MLflowLogger(MLFlowLogger):
                 self._status_before = client.get_run(self._run_id).info.status
                 client.update_run(self._run_id, status="RUNNING")
         self._journaled = JournaledClient(client, Journal(self._journal_path, self.tracking_uri))
+        if self.log_system_metrics:
+            self._system_metrics = start_system_metrics(self._run_id, self.tracking_uri, self.resumed)
         return self._journaled
 
     def _journal_path(self) -> Path:
@@ -137,6 +178,9 @@ class MLflowLogger(MLFlowLogger):
         if not self._initialized:
             return
         error = sys.exc_info()[1] if status == "failed" else None
+        if self._system_metrics is not None:  # its last samples are written before the run ends
+            stop_system_metrics(self._system_metrics)
+            self._system_metrics = None
         if isinstance(error, (KeyboardInterrupt, SIGTERMException)):
             self.experiment.set_terminated(self.run_id, "KILLED")
         elif isinstance(error, UserError) and self.resumed:  # a refused resume: the run stays as it was

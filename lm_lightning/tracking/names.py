@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import secrets
-import time
 from pathlib import Path
 
 from jsonargparse import Namespace
 
 
+# Short labels of the keys a sweep samples most, for trial names; any other key is named by its last part.
+SHORT_KEYS = {
+    "learning_rate": "lr", "vocab_size": "vocab", "batch_size": "batch", "max_steps": "steps", "warmup_steps": "warmup",
+    "min_lr_ratio": "min_lr", "n_layer": "layers", "n_embd": "width", "n_head": "heads", "weight_decay": "wd",
+}
+
+
 def stamp() -> str:
-    """The moment and a random suffix (from the OS, not Python's seeded ``random``): ``1130-051203-a3f1``."""
-    return f"{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """A random suffix (from the OS, not Python's seeded ``random``) for runs that would otherwise share a name:
+    ``a3f1``. The time a run started is its own column in the MLflow UI."""
+    return secrets.token_hex(2)
+
+
+def short_number(value: float) -> str:
+    """``3.2e-3``, ``0.25``, ``16``: few characters, two significant digits for a float."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value == 0 or 1e-2 <= abs(value) < 1e4:
+        return f"{value:.2g}"
+    return f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def trial_name(study: str, number: int, params: dict) -> str:
+    """A sweep trial's run name: the study, the trial's number and what it sampled, ``speedrun-3-lr3.2e-3-batch16``."""
+    values = [f"{SHORT_KEYS.get(key.rsplit('.', 1)[-1], key.rsplit('.', 1)[-1])}{short_number(v)}" for key, v in params.items()]
+    return "-".join([study, str(number), *values])
 
 
 def _config_stem(config: Namespace) -> str:
@@ -20,9 +42,9 @@ def _config_stem(config: Namespace) -> str:
 
 
 def run_name(config: Namespace, subcommand: str) -> str:
-    """A readable name that tells runs apart: ``default-4x192-lr2e-3-1130-051203-a3f1`` (config file, depth x
-    width, learning rate, start time, a random suffix for runs started in the same second), ``validate-`` etc.
-    prefixed for the commands that score a checkpoint.
+    """A readable name that tells runs apart: ``default-4x192-lr2e-3-a3f1`` (config file, depth x width, learning
+    rate, a random suffix for runs of one config), ``validate-`` etc. prefixed for the commands that score a
+    checkpoint. Short, so that the runs table shows it whole.
 
     MLflow's own names (``zealous-wolf-546``) come from Python's ``random``, which ``seed_everything`` has seeded
     by the time the run starts: every run would get the same one. The suffix comes from the OS instead.

@@ -14,8 +14,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lm_lightning.tracking.datasets import BUILTIN, corpus_inputs
+from lm_lightning.tracking.journal import unreachable
 from lm_lightning.tracking.logger import mlflow_logger
-from lm_lightning.tracking.store import mark_model_training
+from lm_lightning.tracking.ui import prepare_experiment, run_address
 
 # The keys a person compares runs by; the whole resolved config is the run's config.yaml artifact.
 PARAM_KEYS = (
@@ -78,7 +80,7 @@ class MLflowRunInfo(L.Callback):
     """Tags the MLflow run (git commit, corpus hash, parameter count), logs the tokenizer, logs the best model
     when training ends, and says where things are."""
 
-    def _log_run_info(self, trainer, pl_module) -> None:
+    def _log_run_info(self, trainer, pl_module, splits: tuple[str, ...]) -> None:
         logger = mlflow_logger(trainer)
         if logger is None:
             return
@@ -91,10 +93,12 @@ class MLflowRunInfo(L.Callback):
         if datamodule is not None and datamodule.meta:
             tags["corpus_sha256"] = datamodule.meta["corpus_sha256"]
             tags["tokenizer"] = datamodule.meta["tokenizer"]
-            tags["data.path"] = str(datamodule.path or "builtin:pydoc_data")
+            tags["data.path"] = str(datamodule.path or BUILTIN)
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
-        mark_model_training(logger.experiment, logger.experiment_id)
+        prepare_experiment(logger.experiment, logger.experiment_id)
+        if datamodule is not None and datamodule.meta:
+            log_corpus(logger, datamodule, splits)
         if pl_module.tokenizer_json:
             logger.experiment.log_text(logger.run_id, pl_module.tokenizer_json, "tokenizer/tokenizer.json")
 
@@ -102,16 +106,16 @@ class MLflowRunInfo(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         config = pl_module.model.config
         print(f"model: {pl_module.model.num_params():,} parameters ({config.n_layer} layers x {config.n_embd})")
-        self._log_run_info(trainer, pl_module)
+        self._log_run_info(trainer, pl_module, ("train", "val"))
 
     @rank_zero_only
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
-            self._log_run_info(trainer, pl_module)
+            self._log_run_info(trainer, pl_module, ("val",))
 
     @rank_zero_only
     def on_test_start(self, trainer, pl_module) -> None:
-        self._log_run_info(trainer, pl_module)
+        self._log_run_info(trainer, pl_module, ("test",))
 
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
@@ -139,16 +143,40 @@ class MLflowRunInfo(L.Callback):
         # The logger's log_model switch: the servable model (the checkpoints stay in the run folder).
         if logger is not None and best and getattr(logger, "_log_model", False):
             try:
-                log_text_model(logger, best)
+                log_text_model(logger, best, best_logged_step(logger), getattr(logger, "registered_model_name", None))
             except ExportError as e:  # a model transformers has no class for (relu2, soft-capping): the run stands
                 rank_zero_warn(f"the best model is not logged as an MLflow model: {e}; its checkpoint is {best}")
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                rank_zero_warn(f"the MLflow tracking store is unreachable: the best model is not logged; its checkpoint is {best}")
         print(fit_summary(trainer, logger, best))
 
 
 def ui_address(logger: MLFlowLogger) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or where a plain ``mlflow ui`` serves a local store."""
-    base = logger._tracking_uri if str(logger._tracking_uri).startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{logger.experiment_id}/runs/{logger.run_id}"
+    """The run's page in the MLflow UI (model-training layout): on the tracking server, or where a plain ``mlflow ui``
+    serves a local store."""
+    return run_address(str(logger._tracking_uri), logger.experiment_id, logger.run_id)
+
+
+def best_logged_step(logger: MLFlowLogger) -> int:
+    """The step the best validation's metrics are logged at (that of the last ``best/val_bpb``): the logged model's
+    step, whose metrics MLflow links to it."""
+    history = logger.experiment.get_metric_history(logger.run_id, "best/val_bpb")
+    return max(history, key=lambda m: (m.timestamp, m.step)).step if history else 0
+
+
+def log_corpus(logger: MLFlowLogger, datamodule, splits: tuple[str, ...]) -> None:
+    """The corpus as the run's dataset inputs, one per split read (``training``, ``validation``, ``testing``): the
+    MLflow UI's Dataset column and filter. A store that cannot be reached costs only these inputs."""
+    hp = datamodule.hparams
+    inputs = corpus_inputs(datamodule.path or BUILTIN, datamodule.meta, splits, (hp.val_fraction, hp.test_fraction))
+    try:
+        logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        rank_zero_warn("the MLflow tracking store is unreachable: the corpus is not recorded as the run's dataset input")
 
 
 def fit_summary(trainer, logger: MLFlowLogger | None, best: str) -> str:

@@ -63,7 +63,7 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def mark_model_training(client, experiment_id: str) -> None:
-    """Have the MLflow UI open the experiment in its model-training view (runs table, charts), not the GenAI
-    view (traces) it would guess for a new experiment; unless the experiment's kind was chosen already."""
+    """Tag the experiment's kind as model training (``mlflow.experimentKind``), unless it was chosen already. MLflow
+    3.17's UI no longer opens an experiment by this tag but by the browser's workflow type: ``tracking/ui.py``."""
     if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
