@@ -382,7 +382,7 @@ class TextGenerator:
         """Refuse, before allocating it, a KV cache for ``num_samples`` samples of ``length`` tokens that the
         device has no free memory for."""
         config, weight = self.model.config, self.model.lm_head.weight
-        cache = 2 * config.n_layer * num_samples * config.kv_heads * min(length, config.block_size) * config.head_dim
+        cache = 2 * config.n_layer * num_samples * config.kv_heads * min(length, config.block_size) * config.head_size
         needed = cache * weight.element_size() + num_samples * (length * 8 + 4 * 4 * len(self.table))  # + ids, logits
         free = _free_bytes(weight.device)
         if free is not None and needed > free:
