@@ -21,7 +21,7 @@ from lm_lightning.generate import Sampling, TextGenerator
 from lm_lightning.hardware import peak_flops, precision_dtype
 from lm_lightning.tokenizer import tokenizer_from_str
 from lm_lightning.tracking.logger import mlflow_logger
-from lm_lightning.tracking.records import log_samples
+from lm_lightning.tracking.records import BestScores, log_samples  # noqa: F401  BestScores: configs name it here
 
 
 class TokensPerSecond(L.Callback):
@@ -85,35 +85,6 @@ class TokensPerSecond(L.Callback):
                 pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
                 pl_module.log("train/mfu", flops / self._peak, rank_zero_only=True)
             self._reset()
-
-
-class BestScores(L.Callback):
-    """Logs ``best/val_loss`` and ``best/val_bpb`` at each validation of ``fit`` that reaches a new best ``val/loss``
-    (the score ``best.ckpt`` is chosen by), at its step: the runs table can sort by them, and the run page shows
-    the best scores, not the last ones."""
-
-    def __init__(self) -> None:
-        self.best: dict[str, float] = {}
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        metrics = trainer.callback_metrics
-        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/loss" not in metrics:
-            return
-        loss = float(metrics["val/loss"])
-        if self.best and loss >= self.best["val_loss"]:
-            return
-        self.best = {"val_loss": loss, "val_bpb": float(metrics["val/bpb"]), "step": trainer.global_step}
-        # At the step Lightning logged val/* at (its logging counter, one behind global_step after an optimizer
-        # step; pinned by tests/test_lightning_internals.py), so the curves line up in the charts.
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics({"best/val_loss": loss, "best/val_bpb": self.best["val_bpb"]}, step=step)
-
-    def state_dict(self) -> dict[str, float]:
-        return dict(self.best)
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.best = dict(state)
 
 
 class StepProgressBar(TQDMProgressBar):

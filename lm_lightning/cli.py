@@ -8,12 +8,9 @@ go on (``RunError``, ``WriteError``) as one line, exit code 1; anything else is 
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import importlib.util
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -21,6 +18,7 @@ from contextlib import contextmanager
 
 from jsonargparse import ArgumentError, set_parsing_settings
 
+from lm_lightning.cli_hints import did_you_mean, option_strings, unknown_subcommand  # noqa: F401  re-exported for callers of lm_lightning.cli
 from lm_lightning.errors import RunError, UserError
 from lm_lightning.files import WriteError
 
@@ -62,32 +60,6 @@ def print_help() -> None:
     for name, text in commands.items():
         print(f"  {name:<{width}}  {text}")
     print("\n`lm-lightning <subcommand> --help` lists every option of a subcommand.")
-
-
-def option_strings(parser: argparse.ArgumentParser) -> Iterator[str]:
-    """Every ``--flag`` of ``parser`` and of its subcommands' parsers."""
-    for action in parser._actions:
-        yield from (s for s in action.option_strings if s.startswith("--"))
-        if isinstance(getattr(action, "choices", None), dict):
-            for sub in action.choices.values():
-                if isinstance(sub, argparse.ArgumentParser):
-                    yield from option_strings(sub)
-
-
-def did_you_mean(message: str, options: list[str]) -> str:
-    """``message`` with "did you mean --x?" for each unknown ``--flag`` it names that is close to one of ``options``."""
-    hints = []
-    known = set(options)
-    for flag in dict.fromkeys(re.findall(r"--[\w.-]+", message)):
-        if flag not in known and (close := difflib.get_close_matches(flag, options, n=1, cutoff=0.75)):
-            hints.append(f"did you mean {close[0]}?")
-    return "; ".join([message, *hints])
-
-
-def unknown_subcommand(name: str, commands: list[str]) -> str:
-    close = difflib.get_close_matches(name, commands, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else "`lm-lightning --help` lists them"
-    return f"unknown subcommand {name!r}: {hint} (subcommands: {', '.join(commands)})"
 
 
 @contextmanager

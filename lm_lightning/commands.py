@@ -13,7 +13,7 @@ import torch
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
 from lm_lightning.checkpoint import load_gpt
-from lm_lightning.cli import did_you_mean, option_strings
+from lm_lightning.cli_hints import did_you_mean, option_strings
 from lm_lightning.export import export_pretrained
 from lm_lightning.errors import UserError
 from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation

@@ -16,7 +16,7 @@ from lm_lightning.callbacks import (
     TokensPerSecond,
     ValidateLastStep,
 )
-from lm_lightning.cli import did_you_mean, option_strings
+from lm_lightning.cli_hints import did_you_mean, option_strings
 from lm_lightning.data import TextDataModule
 from lm_lightning.data.corpus import DataError
 from lm_lightning.data.datamodule import NO_TEST_SPLIT

@@ -179,10 +179,37 @@ def log_corpus(logger: MLFlowLogger, datamodule, splits: tuple[str, ...]) -> Non
         rank_zero_warn("the MLflow tracking store is unreachable: the corpus is not recorded as the run's dataset input")
 
 
+class BestScores(L.Callback):
+    """Logs ``best/val_loss`` and ``best/val_bpb`` at each validation of ``fit`` that reaches a new best ``val/loss``
+    (the score ``best.ckpt`` is chosen by), at its step: the runs table can sort by them, and the run page shows
+    the best scores, not the last ones."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/loss" not in metrics:
+            return
+        loss = float(metrics["val/loss"])
+        if self.best and loss >= self.best["val_loss"]:
+            return
+        self.best = {"val_loss": loss, "val_bpb": float(metrics["val/bpb"]), "step": trainer.global_step}
+        # At the step Lightning logged val/* at (its logging counter, one behind global_step after an optimizer
+        # step; pinned by tests/test_lightning_internals.py), so the curves line up in the charts.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics({"best/val_loss": loss, "best/val_bpb": self.best["val_bpb"]}, step=step)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.best)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best = dict(state)
+
+
 def fit_summary(trainer, logger: MLFlowLogger | None, best: str) -> str:
     """The one line ``fit`` ends with: the best score, its step, the checkpoint and the run's address."""
-    from lm_lightning.callbacks import BestScores  # callbacks imports this module
-
     scores = next((c.best for c in trainer.callbacks if isinstance(c, BestScores)), {})
     parts = [f"best val/bpb {scores['val_bpb']:.4f} at step {scores['step']}" if scores else "no validation score"]
     if best:
