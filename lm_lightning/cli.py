@@ -1,5 +1,5 @@
 """The ``lm-lightning`` command: ``fit``, ``validate`` and ``test`` go to LightningCLI (``trainer_cli.py``); the light
-subcommands (``evaluate``, ``generate``, ``export``) run without Lightning's trainer stack, and the top-level help
+subcommands (``evaluate``, ``generate``, ``export``, ``serve``) run without Lightning's trainer stack, and the top-level help
 is written here, so that none of them waits for Lightning, MLflow or transformers to import.
 
 A ``UserError`` (or an argument error) is shown as one line, ``error: ...``, exit code 2; a run that could not
@@ -33,6 +33,7 @@ LIGHT_COMMANDS = {  # lm_lightning/commands.py
     "evaluate": "Score a checkpoint on text files, every token once: loss, perplexity, bits per byte.",
     "generate": "Continue a prompt with a trained model.",
     "export": "Write a checkpoint as a Hugging Face transformers folder.",
+    "serve": "Serve a model over an OpenAI-compatible HTTP API, with a chat page.",
 }
 # Subcommands in modules of their own, each with ``main(args)``; listed when the module is there.
 OTHER_COMMANDS = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -18,6 +20,7 @@ from lm_lightning.export import export_pretrained
 from lm_lightning.errors import UserError
 from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation
 from lm_lightning.generate import Sampling, TextGenerator, check_num_samples
+from lm_lightning.serving.limits import Limits
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:
@@ -171,7 +174,63 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     print(f"exported {ckpt_path} to {folder}")
 
 
-COMMANDS = {"evaluate": evaluate, "generate": generate, "export": export}
+API_KEY_VARIABLE = "LM_LIGHTNING_API_KEY"
+
+
+def serve(
+    ckpt_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    limits: Limits = Limits(),
+    max_batch: int = 64,
+    device: str = "auto",
+) -> None:
+    """Serve a model over OpenAI's HTTP API (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, streaming
+    as server-sent events), with ``/health`` and a chat page at ``/``. Requests in flight decode together, in one
+    batch; SIGTERM (or Ctrl-C) stops taking new ones, finishes those in flight and exits.
+
+    Args:
+        ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, a folder written by ``lm-lightning export``,
+            or a transformers GPT-2, Llama or Qwen3 folder (config.json, safetensors weights, its tokenizer).
+        host: Address to listen on. The default answers this machine only; ``0.0.0.0`` answers every network
+            (then set an ``--api_key``).
+        port: TCP port.
+        api_key: Every ``/v1/`` request must send ``Authorization: Bearer <api_key>`` (else 401). Unset:
+            ``$LM_LIGHTNING_API_KEY``; neither: no key asked.
+        model_name: The model's id in the API (``model`` of a request). Unset: the checkpoint's file or folder name.
+        limits: What one request may ask for; past a limit the answer is a 400.
+        max_batch: The most choices decoded at once (requests past it wait their turn).
+        device: ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto`` picks a GPU if there is one.
+    """
+    import uvicorn
+
+    from lm_lightning.serving.app import Server, create_app
+    from lm_lightning.serving.engine import Engine
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"port={port} must be in 1 to 65535")
+    if max_batch < 1:
+        raise UserError(f"max_batch={max_batch} must be at least 1")
+    try:  # before the model loads: a port in use is one line, not uvicorn's log after seconds of loading
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
+    api_key = api_key or os.environ.get(API_KEY_VARIABLE) or None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = TextGenerator.load(ckpt_path, device)
+    name = model_name or Path(ckpt_path).resolve().name
+    server = Server(Engine(generator, max_batch), name, limits, api_key)
+    print(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", file=sys.stderr, flush=True)
+    # uvicorn answers SIGTERM by closing the socket and waiting for the requests in flight; then the app's lifespan
+    # drains the engine.
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=None)
+
+
+COMMANDS = {"evaluate": evaluate, "generate": generate, "export": export, "serve": serve}
 
 
 def run(name: str, args: list[str]) -> None:

@@ -232,6 +232,11 @@ class KVCache:
     attention over the cache instead of a full forward over the whole sequence. It holds
     ``n_kv_head`` heads, not ``n_head``: the memory grouped-query attention saves. Keys are stored
     with their rotary embedding applied, so ``length`` is also the position of the next token.
+
+    Rows at different positions (requests batched by a server, each joined when it arrived) keep their own
+    lengths in ``lengths`` ``(B,)`` instead: each row then feeds one token per step at its own position and
+    attends to its own keys only (:func:`attention_mask`). :meth:`rows` builds such a cache from prefilled
+    single-row caches, :meth:`select` keeps some rows and :meth:`join` adds others.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
@@ -241,6 +246,8 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.lengths: torch.Tensor | None = None
+        """Per-row lengths ``(B,)`` of a cache whose rows are at different positions; ``None``: all at ``length``."""
 
     @property
     def max_len(self) -> int:
@@ -248,6 +255,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys and values for ``layer``; return all keys and values so far."""
+        if self.lengths is not None:  # one token per row, each at its own position; keys past a row's length are masked
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.keys[layer, rows, :, self.lengths] = k[:, :, 0]
+            self.values[layer, rows, :, self.lengths] = v[:, :, 0]
+            end = int(self.lengths.max()) + 1
+            return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
@@ -257,6 +270,30 @@ class KVCache:
         """Copy the one sequence cached so far to ``batch_size`` rows: samples of one prompt prefill it once."""
         self.keys = self.keys.expand(-1, batch_size, -1, -1, -1).contiguous()
         self.values = self.values.expand(-1, batch_size, -1, -1, -1).contiguous()
+
+    def positions(self, T: int) -> torch.Tensor | None:
+        """Positions ``(B, T)`` of the next ``T`` tokens of each row, where rows have lengths of their own."""
+        if self.lengths is None:
+            return None
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices), in that order (a row may repeat: samples of one prompt)."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        self.lengths = self.lengths[rows] if self.lengths is not None else torch.full_like(rows, self.length)
+
+    def join(self, other: KVCache) -> None:
+        """Append the rows of ``other`` (a cache of the same model), widening the shorter to the longer ``max_len``."""
+        width = max(self.max_len, other.max_len)
+        own, theirs = self.lengths, other.lengths
+        if own is None:
+            own = torch.full((self.keys.shape[1],), self.length, device=self.keys.device)
+        if theirs is None:
+            theirs = torch.full((other.keys.shape[1],), other.length, device=other.keys.device)
+        pad = lambda t: F.pad(t, (0, 0, 0, width - t.shape[3]))  # noqa: E731
+        self.keys = torch.cat([pad(self.keys), pad(other.keys)], dim=1)
+        self.values = torch.cat([pad(self.values), pad(other.values)], dim=1)
+        self.lengths = torch.cat([own, theirs])
 
 
 class RMSNorm(nn.RMSNorm):
@@ -345,24 +382,36 @@ def rope_tables(config: GPTConfig, theta: float, scaling: dict[str, Any] | None)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``(B, T, heads, head_size)`` by position; ``cos``, ``sin``: ``(T, head_size / 2)``.
+    """Rotate ``x`` ``(B, T, heads, head_size)`` by position; ``cos``, ``sin``: ``(T, head_size / 2)``, or
+    ``(B, T, head_size / 2)`` where each row is at positions of its own.
 
     Pairs are (i, i + head_size / 2), the two halves of the head (transformers' ``rotate_half``,
     not interleaved), so Llama and Qwen3 weights need no permutation.
     """
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def attention_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+def attention_mask(
+    q_len: int, kv_len: int, window: int | None, device: torch.device, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, bool]:
     """Which keys each query may see, as ``(attn_mask, is_causal)`` for ``scaled_dot_product_attention``.
 
     The ``q_len`` queries are the last positions of the ``kv_len`` keys (a cache holds the others). A query sees
     every key up to its own, and with a ``window`` only the ``window - 1`` before it. Where that is plain causal
-    attention (no cache, or one new token) no mask is built, so the fused kernels run.
+    attention (no cache, or one new token) no mask is built, so the fused kernels run. ``positions`` ``(B, q_len)``:
+    each row's queries are at positions of their own (a cache with per-row lengths); the mask is then ``(B, 1,
+    q_len, kv_len)`` and also hides the keys past each row's own.
     """
     past = kv_len - q_len
+    if positions is not None:
+        q = positions[:, None, :, None]
+        k = torch.arange(kv_len, device=device)
+        mask = k <= q
+        if window is not None:
+            mask &= k > q - window
+        return mask, False
     if window is None or kv_len <= window:
         if past == 0:
             return None, True
@@ -410,7 +459,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        mask, is_causal = attention_mask(T, k.shape[2], self.window, x.device)
+        mask, is_causal = attention_mask(T, k.shape[2], self.window, x.device, cache.positions(T) if cache is not None else None)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal, scale=self.scale,
             enable_gqa=self.n_kv_head != self.n_head,  # query head i reads key/value head i // (n_head / n_kv_head)
@@ -547,6 +596,9 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
+        positions = cache.positions(T) if cache is not None else None
+        if positions is not None:
+            start = int(positions.max()) + 1 - T
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         x = self.transformer.wte(idx)
@@ -554,12 +606,13 @@ class GPT(nn.Module):
             # Rounded to the embedding's dtype first, as Gemma does (in bf16 sqrt(1152) = 33.94 becomes 34).
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
+        at = slice(start, start + T) if positions is None else positions
         ropes = {None: None}
         if "global" in self.layer_rope:
-            ropes["global"] = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            ropes["global"] = (self.rope_cos[at], self.rope_sin[at])
         if "local" in self.layer_rope:
-            ropes["local"] = (self.rope_local_cos[start : start + T], self.rope_local_sin[start : start + T])
+            ropes["local"] = (self.rope_local_cos[at], self.rope_local_sin[at])
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             rope = ropes[self.layer_rope[i]]
@@ -569,6 +622,8 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, i)
         if cache is not None:
             cache.length += T
+            if cache.lengths is not None:
+                cache.lengths = cache.lengths + T
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
