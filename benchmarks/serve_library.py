@@ -12,7 +12,9 @@ import asyncio
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import aiohttp
 import requests
@@ -38,7 +40,8 @@ class Double(ls.LitAPI):
         return x * 2
     def encode_response(self, output):
         return {{"output": output}}
-ls.LitServer(Double(), accelerator="cpu", workers_per_device=1).run(port={port}, generate_client_file=False)
+if __name__ == "__main__":  # LitServe starts its workers with spawn, which re-imports this file
+    ls.LitServer(Double(), accelerator="cpu", workers_per_device=1).run(port={port}, generate_client_file=False)
 """
 
 
@@ -68,7 +71,9 @@ async def hammer(url: str, requests: int, concurrency: int) -> tuple[float, floa
 
 def measure(name: str, code: str, count: int, concurrency: int) -> None:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", code.format(port=port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = Path(tempfile.mkdtemp()) / f"{name}_server.py"
+    script.write_text(code.format(port=port))
+    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/predict"
     try:
         for _ in range(600):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import json
 import time
 import uuid
@@ -260,7 +261,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", server.model_name))
+        text = PAGE.read_text(encoding="utf-8").replace("{{MODEL_JSON}}", json.dumps(server.model_name).replace("<", "\\u003c"))
+        return HTMLResponse(text.replace("{{MODEL}}", html.escape(server.model_name)))
 
     @app.get("/v1/models")
     async def models() -> dict:
