@@ -111,8 +111,9 @@ class Server:
         limits, context = self.limits, self.block_size
         max_prompt = min(limits.max_prompt_tokens or context, context)
         if prompt_tokens > max_prompt:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens, more than the limit of {max_prompt}; send a "
-                           "shorter prompt", param="messages" if isinstance(body, ChatRequest) else "prompt",
+            which = "the model's context" if max_prompt == context else "--limits.max_prompt_tokens"
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens, more than the limit of {max_prompt} ({which}); "
+                           "send a shorter prompt", param="messages" if isinstance(body, ChatRequest) else "prompt",
                            code="context_length_exceeded")
         if choices > limits.max_n:
             raise ApiError(400, f"the request asks for {choices} choices (n x prompts), more than the limit of "
