@@ -150,20 +150,27 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         """Pick one token per row, emit the text, drop the rows that ended, and run the others one position on."""
-        n_text = len(self.generator.table)  # the embedding may have spare rows past the tokenizer's vocabulary
-        guard = self.generator.utf8_guard
-        picked = []
+        logits = self.logits[:, : len(self.generator.table)]  # the embedding may have spare rows past the vocabulary
+        guarded = [row.request.sampling.valid_utf8 for row in self.rows]
+        if any(guarded):
+            guard = self.generator.utf8_guard
+            states = torch.tensor([row.state for row in self.rows], device=self.device)
+            last = torch.tensor([row.tokens + 1 == row.request.sampling.max_new_tokens for row in self.rows], device=self.device)
+            masked = torch.where(last[:, None], guard.mask(logits, states, last=True), guard.mask(logits, states))
+            logits = torch.where(torch.tensor(guarded, device=self.device)[:, None], masked, logits)
+        # One draw per group of rows with the same settings; a seeded request draws from its own generator.
+        groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.rows):
             sampling = row.request.sampling
-            logits = self.logits[i : i + 1, :n_text]
-            if sampling.valid_utf8:
-                state = torch.tensor([row.state], device=self.device)
-                logits = guard.mask(logits, state, last=row.tokens + 1 == sampling.max_new_tokens)
-            token = next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, row.generator)
-            if sampling.valid_utf8:
-                row.state = int(guard.advance(state, token))
-            picked.append(token)
-        tokens = torch.cat(picked)
+            key = (sampling.temperature, sampling.top_k, sampling.top_p, id(row.generator) if row.generator else None)
+            groups.setdefault(key, []).append(i)
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
+        for (temperature, top_k, top_p, _), rows in groups.items():
+            at = torch.tensor(rows, device=self.device)
+            tokens[at] = next_token(logits[at], temperature, top_k, top_p, self.rows[rows[0]].generator)
+        if any(guarded):
+            for row, state, on in zip(self.rows, guard.advance(states, tokens).tolist(), guarded):
+                row.state = state if on else BOUNDARY  # an unguarded row's bytes may leave UTF-8: its state is unused
         keep = []
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
             row.tokens += 1
