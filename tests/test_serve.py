@@ -78,7 +78,7 @@ def start_server(folder: Path, *args: str) -> tuple[subprocess.Popen, str]:
 @pytest.fixture(scope="module")
 def server(model_folder):
     process, url = start_server(model_folder, "--api_key", KEY, "--limits.max_tokens", "400", "--limits.max_n", "4",
-                                "--limits.max_body_bytes", "20000")
+                                "--limits.max_body_bytes", "60000")
     yield url
     process.send_signal(signal.SIGTERM)
     process.wait(30)
@@ -160,6 +160,8 @@ def test_errors_are_openai_shaped_4xx(client, server):
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=401)
     with pytest.raises(openai.BadRequestError, match="more than the limit of 4"):
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=2, n=5)
+    with pytest.raises(openai.BadRequestError, match="5000 choices"):  # checked before 5000 prompts are tokenized
+        client.completions.create(model="tiny-llama", prompt=["x"] * 5000, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny-llama", prompt="word " * 600, max_tokens=2)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -169,7 +171,7 @@ def test_errors_are_openai_shaped_4xx(client, server):
         '{"model": "tiny-llama", "prompt": 5}': "prompt",
         '{"model": "tiny-llama", "prompt": "x", "temperature": -1}': "temperature",
         "[1, 2]": "not an object",
-        json.dumps({"model": "tiny-llama", "prompt": "x" * 30_000}): "limit of 20000",
+        json.dumps({"model": "tiny-llama", "prompt": "x" * 70_000}): "limit of 60000",
     }
     for body, words in cases.items():
         r = requests.post(f"{server}/v1/completions", data=body, headers=headers, timeout=30)
@@ -203,6 +205,17 @@ def test_a_client_that_goes_away_frees_its_place_at_once(server):
     while requests.get(f"{server}/health", timeout=30).json()["in_flight"]:
         assert time.perf_counter() - start < full_time / 2, "the dropped stream is still generating"
         time.sleep(0.01)
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(model_folder):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "lm_lightning.cli", "serve", "--ckpt_path", str(model_folder), "--port",
+                                 str(port)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and result.stderr.count("\n") == 1
 
 
 def test_sigterm_drains_requests_in_flight_then_exits(model_folder):

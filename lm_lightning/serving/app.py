@@ -106,6 +106,11 @@ class Server:
             raise ApiError(404, f"model {name!r} is not served here; this server serves {self.model_name!r} (GET /v1/models)",
                            param="model", code="model_not_found")
 
+    def check_choices(self, choices: int) -> None:
+        if choices > self.limits.max_n:
+            raise ApiError(400, f"the request asks for {choices} choices (n x prompts), more than the limit of "
+                           f"{self.limits.max_n}; send several requests", param="n")
+
     def sampling(self, body: _Common, max_tokens: int | None, prompt_tokens: int, choices: int) -> Sampling:
         """The :class:`Sampling` of a request whose longest prompt has ``prompt_tokens`` tokens, after every limit."""
         limits, context = self.limits, self.block_size
@@ -115,9 +120,7 @@ class Server:
             raise ApiError(400, f"the prompt has {prompt_tokens} tokens, more than the limit of {max_prompt} ({which}); "
                            "send a shorter prompt", param="messages" if isinstance(body, ChatRequest) else "prompt",
                            code="context_length_exceeded")
-        if choices > limits.max_n:
-            raise ApiError(400, f"the request asks for {choices} choices (n x prompts), more than the limit of "
-                           f"{limits.max_n}; send several requests", param="n")
+        self.check_choices(choices)
         room = context - prompt_tokens
         if max_tokens is None:
             max_tokens = min(limits.max_tokens, room, 16 if isinstance(body, CompletionRequest) else room)
@@ -277,6 +280,7 @@ def create_app(server: Server) -> FastAPI:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt is an empty list; send a string or a list of strings", param="prompt")
+        server.check_choices(len(texts) * body.n)  # before tokenizing thousands of prompts
         prompts = [server.encode(t) for t in texts]
         sampling = server.sampling(body, body.max_tokens, max(map(len, prompts)), len(prompts) * body.n)
         requests, events = _run(server, prompts, sampling, body.n)
