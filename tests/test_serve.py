@@ -20,7 +20,7 @@ import torch
 from conftest import CHINESE, english_text
 from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling, TextGenerator
-from lm_lightning.model import GPT, GPTConfig
+from lm_lightning.model import GPT, GPTConfig, KVCache
 from lm_lightning.serving.engine import Engine, Event, Request
 from lm_lightning.tokenizer import train_tokenizer
 
@@ -91,6 +91,29 @@ def client(server) -> "openai.OpenAI":
 
 def greedy(folder: Path, prompt: str, max_tokens: int) -> str:
     return TextGenerator.load(folder).complete(prompt, Sampling(max_new_tokens=max_tokens, temperature=0))[0]
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(pos_embedding="rope", sliding_window=4, sliding_window_layers=[0])])
+def test_kv_cache_rows_at_their_own_positions_give_each_row_its_own_logits(shape):
+    """Rows of different lengths joined into one cache (learned positions; RoPE with a sliding window) decode as
+    each sequence read whole, without a cache."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16, **shape)).eval()
+    sequences = [torch.randint(50, (n,)) for n in (3, 9, 6)]
+    with torch.no_grad():
+        caches = []
+        for ids in sequences:
+            caches.append(KVCache(model.config, 1, 10 + len(ids), "cpu", torch.float32))
+            model(ids[None, :-1], caches[-1])
+        cache = caches[0]
+        cache.select(torch.zeros(1, dtype=torch.long))
+        for other in caches[1:]:
+            cache.join(other)
+        for step in range(5):
+            logits = model(torch.stack([ids[-1] for ids in sequences])[:, None], cache)[:, -1]
+            for row, ids in enumerate(sequences):
+                torch.testing.assert_close(logits[row], model(ids[None])[0, -1], atol=1e-5, rtol=1e-4)
+            sequences = [torch.cat([ids, logits[row].argmax()[None]]) for row, ids in enumerate(sequences)]
 
 
 def test_engine_rows_that_join_mid_generation_decode_as_alone(model_folder):
