@@ -55,10 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """``lm-lightning serve`` of ``folder`` on a free port, once ``/health`` answers: the process and its base URL."""
+def start_server(folder: Path, *args: str, **variables: str) -> tuple[subprocess.Popen, str]:
+    """``lm-lightning serve`` of ``folder`` on a free port (with the environment ``variables``), once ``/health``
+    answers: the process and its base URL."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **variables, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-m", "lm_lightning.cli", "serve", "--ckpt_path", str(folder), "--port",
                                 str(port), "--device", "cpu", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -151,6 +152,10 @@ def test_models_completions_and_usage(client, model_folder):
     assert answer.choices[0].finish_reason in ("length", "stop")
     assert answer.usage.prompt_tokens == len(TextGenerator.load(model_folder).tokenizer.encode("The ").ids)
     assert 0 < answer.usage.completion_tokens <= 20
+    text = answer.choices[0].text
+    stop = text[6:8]
+    stopped = client.completions.create(model="tiny-llama", prompt="The ", max_tokens=20, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == text[: text.index(stop)] and stopped.choices[0].finish_reason == "stop"
     several = client.completions.create(model="tiny-llama", prompt=["The ", "a"], max_tokens=5, n=2, temperature=1, seed=3)
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
     again = client.completions.create(model="tiny-llama", prompt=["The ", "a"], max_tokens=5, n=2, temperature=1, seed=3)
@@ -241,10 +246,12 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(model_folder):
     assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and result.stderr.count("\n") == 1
 
 
-def test_sigterm_drains_requests_in_flight_then_exits(model_folder):
-    process, url = start_server(model_folder)
+def test_sigterm_drains_requests_in_flight_then_exits_and_the_key_comes_from_the_environment(model_folder):
+    process, url = start_server(model_folder, LM_LIGHTNING_API_KEY="key-from-env")
     body = {"model": "tiny-llama", "prompt": "The ", "max_tokens": 300, "stream": True, "temperature": 0}
-    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=60) as r:
+    assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+    headers = {"Authorization": "Bearer key-from-env"}
+    with requests.post(f"{url}/v1/completions", json=body, headers=headers, stream=True, timeout=60) as r:
         lines = r.iter_lines()
         first = next(lines)
         process.send_signal(signal.SIGTERM)
