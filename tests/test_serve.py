@@ -78,7 +78,7 @@ def start_server(folder: Path, *args: str, **variables: str) -> tuple[subprocess
 
 @pytest.fixture(scope="module")
 def server(model_folder):
-    process, url = start_server(model_folder, "--api_key", KEY, "--limits.max_tokens", "400", "--limits.max_n", "4",
+    process, url = start_server(model_folder, "--api_key", KEY, "--limits.max_tokens", "400", "--limits.max_n", "16",
                                 "--limits.max_body_bytes", "60000")
     yield url
     process.send_signal(signal.SIGTERM)
@@ -186,8 +186,8 @@ def test_errors_are_openai_shaped_4xx(client, server):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens=401 is more than the limit of 400"):
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=401)
-    with pytest.raises(openai.BadRequestError, match="more than the limit of 4"):
-        client.completions.create(model="tiny-llama", prompt="x", max_tokens=2, n=5)
+    with pytest.raises(openai.BadRequestError, match="more than the limit of 16"):
+        client.completions.create(model="tiny-llama", prompt="x", max_tokens=2, n=17)
     with pytest.raises(openai.BadRequestError, match="5000 choices"):  # checked before 5000 prompts are tokenized
         client.completions.create(model="tiny-llama", prompt=["x"] * 5000, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="context"):
@@ -218,9 +218,9 @@ def test_a_request_without_the_key_is_401(server):
 
 
 def test_a_client_that_goes_away_frees_its_place_at_once(server):
-    """A stream of 400 tokens x 4 choices is dropped after its first chunk: the engine has nothing in flight well
-    before the stream would have ended."""
-    body = {"model": "tiny-llama", "prompt": "The ", "max_tokens": 400, "n": 4, "stream": True, "temperature": 1,
+    """A stream of 400 tokens x 16 choices dropped after its first chunk, and the same request waited for whole then
+    given up on: the engine has nothing in flight well before the answer would have been done."""
+    body = {"model": "tiny-llama", "prompt": "The ", "max_tokens": 400, "n": 16, "stream": True, "temperature": 1,
             "valid_utf8": False}
     headers = {"Authorization": f"Bearer {KEY}"}
     start = time.perf_counter()
@@ -232,6 +232,12 @@ def test_a_client_that_goes_away_frees_its_place_at_once(server):
         start = time.perf_counter()
     while requests.get(f"{server}/health", timeout=30).json()["in_flight"]:
         assert time.perf_counter() - start < full_time / 2, "the dropped stream is still generating"
+        time.sleep(0.01)
+    start = time.perf_counter()
+    with pytest.raises(requests.Timeout):  # a whole answer waited for, given up on
+        requests.post(f"{server}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=full_time / 8)
+    while requests.get(f"{server}/health", timeout=30).json()["in_flight"]:
+        assert time.perf_counter() - start < full_time * 0.8, "the dropped request is still generating"
         time.sleep(0.01)
 
 

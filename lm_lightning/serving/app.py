@@ -197,16 +197,29 @@ def _run(server: Server, prompts: list[list[int]], sampling: Sampling, n: int,
     return requests, events
 
 
-async def _events(requests: list[Request], events: asyncio.Queue, n: int) -> AsyncIterator[tuple[int, Event]]:
-    """``(choice index, Event)`` until every choice ended; the requests are cancelled if the caller stops early."""
+async def _events(requests: list[Request], events: asyncio.Queue, n: int, client: HTTPRequest) -> AsyncIterator[tuple[int, Event]]:
+    """``(choice index, Event)`` until every choice ended. The requests are cancelled (their rows leave the batch)
+    when the caller stops early or the ``client`` goes away, looked at four times a second: Starlette stops a stream
+    whose client left, but not a handler that waits for a whole answer."""
+
+    async def watch() -> None:
+        while not await client.is_disconnected():
+            await asyncio.sleep(0.25)
+        events.put_nowait(None)
+
+    watcher = asyncio.create_task(watch())
     open_choices = len(requests) * n
     try:
         while open_choices:
-            p, event = await events.get()
+            item = await events.get()
+            if item is None:
+                return
+            p, event = item
             if event.finish_reason is not None:
                 open_choices -= 1
             yield p * n + event.index, event
     finally:
+        watcher.cancel()
         for request in requests:
             request.cancelled = True
 
@@ -284,7 +297,7 @@ def create_app(server: Server) -> FastAPI:
         prompts = [server.encode(t) for t in texts]
         sampling = server.sampling(body, body.max_tokens, max(map(len, prompts)), len(prompts) * body.n)
         requests, events = _run(server, prompts, sampling, body.n)
-        return await _answer(body, requests, events, "text_completion", sum(map(len, prompts)), chat=False)
+        return await _answer(request, body, requests, events, "text_completion", sum(map(len, prompts)), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -300,9 +313,9 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(400, str(e), param="messages") from None
         sampling = server.sampling(body, body.max_completion_tokens or body.max_tokens, len(ids), body.n)
         requests, events = _run(server, [ids], sampling, body.n, frozenset(template.stop_token_ids))
-        return await _answer(body, requests, events, "chat.completion", len(ids), chat=True)
+        return await _answer(request, body, requests, events, "chat.completion", len(ids), chat=True)
 
-    async def _answer(body: _Common, requests: list[Request], events: asyncio.Queue, kind: str, prompt_tokens: int,
+    async def _answer(client: HTTPRequest, body: _Common, requests: list[Request], events: asyncio.Queue, kind: str, prompt_tokens: int,
                       chat: bool):
         """The whole answer, or (``stream``) an event stream of chunks ending in ``data: [DONE]``."""
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -318,7 +331,7 @@ def create_app(server: Server) -> FastAPI:
 
         if not body.stream:
             texts, reasons, tokens = [""] * choices, [None] * choices, [0] * choices
-            async for i, event in _events(requests, events, body.n):
+            async for i, event in _events(requests, events, body.n, client):
                 failed(event)
                 texts[i] += event.text
                 reasons[i], tokens[i] = event.finish_reason, event.tokens
@@ -345,7 +358,7 @@ def create_app(server: Server) -> FastAPI:
             if chat:
                 for i in range(choices):
                     yield _sse(chunk(i, "", None, first=True))
-            async for i, event in _events(requests, events, body.n):
+            async for i, event in _events(requests, events, body.n, client):
                 if event.finish_reason == "error":
                     yield _sse({"error": {"message": "generation failed; the server log has the details",
                                           "type": "server_error", "param": None, "code": None}})
