@@ -140,3 +140,23 @@ def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(ChatError, match="has no chat template"):
         load_chat_template(folder)
     assert load_chat_template(folder, required=False) is None
+
+
+def test_export_carries_the_default_template(tmp_path):
+    import torch
+
+    from lm_lightning.chat_template import CHAT_SPECIAL_TOKENS
+    from lm_lightning.export import export_pretrained
+    from lm_lightning.model import GPT, GPTConfig
+
+    tokenizer = train_tokenizer(TEXTS, vocab_size=400)
+    tokenizer.add_special_tokens(list(CHAT_SPECIAL_TOKENS))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    folder = export_pretrained(model, tokenizer, tmp_path / "export", chat_template=DEFAULT_TEMPLATE)
+    hf = AutoTokenizer.from_pretrained(folder)
+    expected = hf.apply_chat_template(CHAT[:3], tokenize=True, add_generation_prompt=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    template = load_chat_template(folder)
+    assert template.source == DEFAULT_TEMPLATE
+    assert template.encode(tokenizer, CHAT[:3], add_generation_prompt=True) == list(expected)
