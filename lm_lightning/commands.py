@@ -15,6 +15,7 @@ from typing import get_type_hints
 import torch
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
+from lm_lightning.chat_template import load_chat_template
 from lm_lightning.checkpoint import load_gpt
 from lm_lightning.cli_hints import did_you_mean, option_strings
 from lm_lightning.export import export_pretrained
@@ -171,7 +172,8 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
         overwrite: Write into ``out`` even if it is not empty (files of the same names are replaced).
     """
     model, tokenizer = load_gpt(ckpt_path)
-    folder = export_pretrained(model, tokenizer, out, overwrite)
+    template = load_chat_template(ckpt_path, required=False)
+    folder = export_pretrained(model, tokenizer, out, overwrite, template.source if template else None)
     print(f"exported {ckpt_path} to {folder}")
 
 

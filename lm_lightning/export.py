@@ -35,10 +35,13 @@ class ExportError(UserError):
     """A model that cannot be exported, or a folder that cannot be written to or loaded from."""
 
 
-def export_pretrained(model: GPT, tokenizer: Tokenizer, out: str | Path, overwrite: bool = False) -> Path:
+def export_pretrained(
+    model: GPT, tokenizer: Tokenizer, out: str | Path, overwrite: bool = False, chat_template: str | None = None
+) -> Path:
     """Write ``model`` and ``tokenizer`` to the folder ``out`` as a transformers model of its family, the one its
     config records (:func:`lm_lightning.families.family_of`); a model its family cannot express is refused, naming
-    the field, before anything is written."""
+    the field, before anything is written. A ``chat_template`` (Jinja) goes into ``tokenizer_config.json``, where
+    transformers' ``apply_chat_template`` reads it."""
     out = Path(out)
     eot_id, bos_id = end_of_text(tokenizer), begin_of_text(tokenizer)
     try:
@@ -72,6 +75,8 @@ def export_pretrained(model: GPT, tokenizer: Tokenizer, out: str | Path, overwri
             "clean_up_tokenization_spaces": False,
         },
     }
+    if chat_template is not None:
+        files["tokenizer_config.json"]["chat_template"] = chat_template
     for name, content in files.items():
         (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
