@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -180,16 +179,6 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
 API_KEY_VARIABLE = "LM_LIGHTNING_API_KEY"
 
 
-def _chat_template(ckpt_path: str):
-    """The model's chat template (``lm_lightning.chat_template``, branch ``chat``), or ``None`` until that module is
-    merged: ``/v1/chat/completions`` then answers 400 naming ``/v1/completions``."""
-    if importlib.util.find_spec("lm_lightning.chat_template") is None:
-        return None
-    from lm_lightning.chat_template import load_chat_template
-
-    return load_chat_template(ckpt_path)
-
-
 def serve(
     ckpt_path: str,
     host: str = "127.0.0.1",
@@ -219,6 +208,7 @@ def serve(
     """
     import uvicorn
 
+    from lm_lightning.chat_template import load_chat_template
     from lm_lightning.serving.app import Server, create_app
     from lm_lightning.serving.engine import Engine
 
@@ -236,7 +226,7 @@ def serve(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = TextGenerator.load(ckpt_path, device)
     name = model_name or Path(ckpt_path).resolve().name
-    server = Server(Engine(generator, max_batch), name, limits, api_key, _chat_template(ckpt_path))
+    server = Server(Engine(generator, max_batch), name, limits, api_key, load_chat_template(ckpt_path, required=False))
     print(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", file=sys.stderr, flush=True)
     # uvicorn answers SIGTERM by closing the socket and waiting for the requests in flight; then the app's lifespan
     # drains the engine.

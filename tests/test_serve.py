@@ -18,6 +18,7 @@ import requests
 import torch
 
 from conftest import CHINESE, english_text
+from lm_lightning.chat_template import load_chat_template
 from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling, TextGenerator
 from lm_lightning.model import GPT, GPTConfig, KVCache
@@ -171,14 +172,21 @@ def test_streaming_gives_the_same_text_as_a_whole_answer(client):
     assert "\ufffd" not in whole.choices[0].text  # valid UTF-8 by default
 
 
-def test_chat_completions_and_stream(client):
-    pytest.importorskip("lm_lightning.chat_template", reason="the chat template module (branch chat) is not merged yet")
+def test_chat_completions_and_stream(client, model_folder):
     messages = [{"role": "user", "content": "Hello"}]
     answer = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, temperature=0)
     assert answer.choices[0].message.role == "assistant"
     chunks = list(client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+    template = load_chat_template(model_folder)
+    generator = TextGenerator.load(model_folder)
+    assert answer.usage.prompt_tokens == len(template.encode(generator.tokenizer, messages, add_generation_prompt=True))
+    rendered = template.render(messages, add_generation_prompt=True)  # the prompt ends "<|im_start|>assistant\n"
+    assert rendered.endswith("assistant\n")
+    assert answer.choices[0].message.content == generator.complete(rendered, Sampling(max_new_tokens=16, temperature=0))[0]
+    with pytest.raises(openai.BadRequestError, match="unknown role"):
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "wizard", "content": "x"}], max_tokens=2)
 
 
 def test_errors_are_openai_shaped_4xx(client, server):

@@ -17,13 +17,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from lm_lightning.chat_template import ChatTemplate, check_messages
 from lm_lightning.errors import UserError
 from lm_lightning.generate import Sampling
 from lm_lightning.serving.engine import Engine, Event, Request
@@ -85,8 +86,9 @@ class ChatRequest(_Common):
 class Server:
     """The state the routes share: the engine, its model's name and tokenizer, the limits, the key."""
 
-    def __init__(self, engine: Engine, model_name: str, limits: Limits, api_key: str | None, chat_template: Any = None):
-        """``chat_template``: a :class:`~lm_lightning.chat_template.ChatTemplate`; ``None``: no chat endpoint."""
+    def __init__(self, engine: Engine, model_name: str, limits: Limits, api_key: str | None,
+                 chat_template: ChatTemplate | None = None):
+        """``chat_template``: the model's; ``None`` (a model without one): ``/v1/chat/completions`` is a 400."""
         self.engine, self.model_name, self.limits, self.api_key = engine, model_name, limits, api_key
         self.chat_template = chat_template
         self.block_size = engine.model.config.block_size
@@ -305,14 +307,16 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(body.model)
         template = server.chat_template
         if template is None:
-            raise ApiError(400, f"{server.model_name} has no chat template; use /v1/completions", code="no_chat_template")
-        messages = [m.model_dump() for m in body.messages]
+            raise ApiError(400, f"{server.model_name} has no chat template (tokenizer_config.json chat_template, "
+                           "chat_template.jinja or the checkpoint's); use /v1/completions", code="no_chat_template")
+        tokenizer = server.engine.generator.tokenizer
         try:
-            ids = template.encode(messages)
+            messages = check_messages([m.model_dump() for m in body.messages], "the request", need_assistant=False)
+            ids = template.encode(tokenizer, messages, add_generation_prompt=True)
         except UserError as e:
             raise ApiError(400, str(e), param="messages") from None
         sampling = server.sampling(body, body.max_completion_tokens or body.max_tokens, len(ids), body.n)
-        requests, events = _run(server, [ids], sampling, body.n, frozenset(template.stop_token_ids))
+        requests, events = _run(server, [ids], sampling, body.n, frozenset(template.stop_token_ids(tokenizer)))
         return await _answer(request, body, requests, events, "chat.completion", len(ids), chat=True)
 
     async def _answer(client: HTTPRequest, body: _Common, requests: list[Request], events: asyncio.Queue, kind: str, prompt_tokens: int,
