@@ -298,5 +298,12 @@ def test_chat_page_streams_an_answer_and_resets(server, model_folder):
         assert page.text_content(".assistant") == greedy(model_folder, "The ", 20)
         page.click("#reset")
         assert page.locator(".msg").count() == 0
+        page.check("#chat_mode")  # through the chat template, as /v1/chat/completions answers
+        page.fill("#input", "Hello")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done]", timeout=30_000)
+        chat = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY).chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "Hello"}], max_tokens=20, temperature=0)
+        assert page.text_content(".assistant") == chat.choices[0].message.content
         browser.close()
     assert offline and all(offline)  # nothing but the server was asked for

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,7 +60,6 @@ class _Row:
     generator: torch.Generator | None
     tokens: int = 0
     state: int = BOUNDARY
-    done: bool = field(default=False)
 
 
 class Engine:
