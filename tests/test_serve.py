@@ -207,6 +207,8 @@ def test_errors_are_openai_shaped_4xx(client, server):
         '{"model": "tiny-llama", "prompt": 5}': "prompt",
         '{"model": "tiny-llama", "prompt": "x", "temperature": -1}': "temperature",
         "[1, 2]": "not an object",
+        '{"model": "tiny-llama", "prompt": "x", "seed": 1e30}': "seed",
+        '{"model": "tiny-llama", "prompt": "x", "seed": 100000000000000000000000}': "seed",
         json.dumps({"model": "tiny-llama", "prompt": "x" * 70_000}): "limit of 60000",
     }
     for body, words in cases.items():
