@@ -12,7 +12,7 @@ from typing import get_type_hints
 import torch
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
-from lm_lightning.checkpoint import load_gpt
+from lm_lightning.pretrained import load_source
 from lm_lightning.cli_hints import did_you_mean, option_strings
 from lm_lightning.export import export_pretrained
 from lm_lightning.errors import UserError
@@ -166,7 +166,7 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
             ``tokenizer.json``, ``tokenizer_config.json``).
         overwrite: Write into ``out`` even if it is not empty (files of the same names are replaced).
     """
-    model, tokenizer = load_gpt(ckpt_path)
+    model, tokenizer = load_source(ckpt_path)[:2]  # a LoRA run's checkpoint: merged onto its base
     folder = export_pretrained(model, tokenizer, out, overwrite)
     print(f"exported {ckpt_path} to {folder}")
 

@@ -52,8 +52,6 @@ class LMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.model.get("init_from"):
-            apply_init_from(config)  # the model's shape and tokenizer come from the source
         if config.model.optimizer == "muon" and "fsdp" in str(config.trainer.strategy).lower():
             # FSDP flattens parameters: Muon needs whole matrices. Said now, before any tokenizing.
             raise ConfigError("model.optimizer=muon needs whole weight matrices, which FSDP shards; use DDP or model.optimizer=adamw")
@@ -76,6 +74,8 @@ class LMCLI(LightningCLI):
         if not subcommand:
             return
         config, tags = self.config[subcommand], {}
+        if config.model.get("init_from"):  # before a resumed checkpoint's shape is checked against the config
+            apply_init_from(config)  # the model's shape and tokenizer come from the source
         check_tracking_store(config)
         if subcommand in ("validate", "test"):
             if config.ckpt_path in (None, "last"):
