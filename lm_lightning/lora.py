@@ -15,6 +15,7 @@ Targets (``model.lora_targets``), by our layer names (see model.py):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,11 +24,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import TOKENIZER_KEY, CheckpointError, load_gpt, model_config
+from lm_lightning.checkpoint import TOKENIZER_KEY, CheckpointError, load_checkpoint, load_gpt, model_config
 from lm_lightning.errors import ConfigError
-from lm_lightning.export import load_pretrained
+from lm_lightning.export import ExportError, load_pretrained
+from lm_lightning.families import weight_map
 from lm_lightning.model import GPT, skip_init
 from lm_lightning.tokenizer import tokenizer_from_str
 
@@ -139,9 +142,9 @@ def check_base(base: dict[str, str], checkpoint_path: str | Path) -> None:
         )
 
 
-def load_lora_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> tuple[GPT, Tokenizer, str]:
-    """The merged model (eval mode), the tokenizer and the base path of a LoRA run's checkpoint ``checkpoint``
-    (read from ``path``), its base found and checked (:func:`check_base`)."""
+def adapted_model(checkpoint: dict[str, Any], path: str | Path) -> tuple[GPT, Tokenizer, str]:
+    """The model with its adapters (fp32, eval mode), the tokenizer and the base path of a LoRA run's checkpoint
+    ``checkpoint`` (read from ``path``), its base found and checked (:func:`check_base`)."""
     base = checkpoint[LORA_KEY]
     check_base(base, path)
     hp = checkpoint["hyper_parameters"]
@@ -157,4 +160,45 @@ def load_lora_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> tuple[
     apply_lora(model, hp["lora_r"], hp["lora_alpha"], 0.0, hp["lora_targets"])
     adapters = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.") and is_adapter_key(k)}
     model.load_state_dict(model.state_dict() | adapters)
-    return merged(model).eval(), tokenizer_from_str(checkpoint[TOKENIZER_KEY], source=str(path)), str(source)
+    return model.eval(), tokenizer_from_str(checkpoint[TOKENIZER_KEY], source=str(path)), str(source)
+
+
+def load_lora_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> tuple[GPT, Tokenizer, str]:
+    """:func:`adapted_model` with the adapters merged into the weights: what generation, evaluation and export use."""
+    model, tokenizer, base = adapted_model(checkpoint, path)
+    return merged(model).eval(), tokenizer, base
+
+
+def export_adapter(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a LoRA run's adapters as a PEFT folder (``adapter_config.json``, ``adapter_model.safetensors``) for its
+    base, named as the base's transformers family names its modules: a fused projection (qkv, gate/up) becomes one
+    adapter per part, each with the shared ``A`` and its rows of ``B`` (the same update, exactly)."""
+    checkpoint = load_checkpoint(ckpt_path)
+    if LORA_KEY not in checkpoint:
+        raise ExportError(f"{ckpt_path} is not a checkpoint of a LoRA run (model.lora_r > 0); export it without --adapter")
+    model, _, base = adapted_model(checkpoint, ckpt_path)
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    entries = {e.ours: e for e in weight_map(model.config)}
+    tensors, modules, fan_in_fan_out = {}, [], False
+    for name, layer in lora_layers(model).items():
+        entry = entries[f"{name}.weight"]
+        rows = layer.lora_B.split(list(entry.split)) if entry.split else (layer.lora_B,)
+        for theirs, b in zip(entry.theirs, rows):
+            module = theirs.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = layer.lora_A.detach().clone()  # one copy per part: safetensors refuses shared storage
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().clone()
+            modules.append(module)
+        fan_in_fan_out |= entry.transpose  # GPT-2's Conv1D stores W transposed; A and B keep their shapes
+    hp = checkpoint["hyper_parameters"]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": hp["lora_r"],
+        "lora_alpha": hp["lora_alpha"], "lora_dropout": hp["lora_dropout"], "target_modules": modules,
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "modules_to_save": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
