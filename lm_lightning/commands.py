@@ -12,13 +12,13 @@ from typing import get_type_hints
 import torch
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
-from lm_lightning.lora import export_adapter
-from lm_lightning.pretrained import load_source
 from lm_lightning.cli_hints import did_you_mean, option_strings
-from lm_lightning.export import export_pretrained
 from lm_lightning.errors import UserError
 from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation
+from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling, TextGenerator, check_num_samples
+from lm_lightning.lora import export_adapter
+from lm_lightning.pretrained import load_source
 
 
 def _warn(message, category, filename, lineno, file=None, line=None) -> None:

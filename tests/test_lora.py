@@ -3,6 +3,7 @@ exact resume, merged loading and one-line refusals; real transformers folders, r
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import metric_history, only_run, run_main, single_thread
+from conftest import metric_history, only_run, run_cli, run_main, single_thread
 from lm_lightning.checkpoint import load_checkpoint
 from lm_lightning.errors import UserError
 from lm_lightning.lora import LORA_KEY, LoRALinear, lora_layers, merged
@@ -128,3 +129,16 @@ def test_checkpoint_holds_adapters_resumes_exactly_and_finds_its_base(folders, c
     assert run_main("generate", "--ckpt_path", str(ckpt), "--prompt", "the") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0] and str(folder.resolve()) in err[0]
+
+
+def test_ddp_trains_adapters_in_two_processes(folders, corpus, tmp_path):
+    done = run_cli(*fit_args(folders["gpt2"], corpus, *LORA, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                             "--trainer.accelerator", "cpu", "--trainer.logger.init_args.experiment_name", "ddp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model.lora_r"] == "4"
+    (ckpt,) = Path("runs").glob("*/*/checkpoints/last.ckpt")
+    model_keys = [k for k in load_checkpoint(ckpt)["state_dict"] if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys)
+    assert load_source(ckpt)[2].kind == "lora"
