@@ -74,8 +74,6 @@ class LMCLI(LightningCLI):
         if not subcommand:
             return
         config, tags = self.config[subcommand], {}
-        if config.model.get("init_from"):  # before a resumed checkpoint's shape is checked against the config
-            apply_init_from(config)  # the model's shape and tokenizer come from the source
         check_tracking_store(config)
         if subcommand in ("validate", "test"):
             if config.ckpt_path in (None, "last"):
@@ -83,6 +81,8 @@ class LMCLI(LightningCLI):
             if subcommand == "test" and not config.data.test_fraction:
                 raise DataError(NO_TEST_SPLIT)
             tags = adopt_checkpoint(config, self._subcommand_parsers[subcommand].get_defaults())
+        if config.model.get("init_from"):  # before a resumed checkpoint's shape is checked against the config
+            apply_init_from(config)  # the model's shape and tokenizer come from the source
         resolve_ckpt_path(config, subcommand)
         name_run(config, subcommand, tags)
 

@@ -17,7 +17,7 @@ from lm_lightning.errors import UserError
 from lm_lightning.lora import LORA_KEY, LoRALinear, lora_layers, merged
 from lm_lightning.module import LanguageModel
 from lm_lightning.pretrained import load_source
-from test_pretrained import TEXT, fit_args, make_folder
+from test_pretrained import FINETUNE, TEXT, fit_args, make_folder
 
 pytest.importorskip("transformers")
 LORA = ["--model.lora_r", "4", "--model.lora_alpha", "8", "--model.lora_targets", "[attention, mlp]"]
@@ -118,6 +118,12 @@ def test_checkpoint_holds_adapters_resumes_exactly_and_finds_its_base(folders, c
     with torch.no_grad():
         assert info.kind == "lora" and not torch.allclose(model(x), base(x), atol=1e-3)
     assert run_main("generate", "--ckpt_path", str(ckpt), "--prompt", "the", "--max_new_tokens", "4") == 0
+    with single_thread():  # validate finds the base too, and scores the run's best (last) model as the run did
+        assert run_main("validate", "--config", str(FINETUNE), "--data.path", str(corpus), "--ckpt_path", str(ckpt),
+                        "--trainer.limit_val_batches", "2", "--data.batch_size", "4", "--trainer.precision", "32-true",
+                        "--trainer.logger.init_args.experiment_name", "validated") == 0
+    (validated,) = client.search_runs([client.get_experiment_by_name("validated").experiment_id])
+    assert validated.data.metrics["val/bpb"] == pytest.approx(straight.data.metrics["val/bpb"], abs=1e-5)
     capsys.readouterr()
 
     # A base that changed or moved is one line naming it.
