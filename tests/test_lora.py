@@ -42,7 +42,8 @@ def corpus(tmp_path) -> Path:
 ])
 def test_adapters_train_alone_and_the_optimizer_holds_them_only(folders, targets, layers, dtype):
     base_dtype = str(dtype).removeprefix("torch.")
-    module = LanguageModel(init_from=str(folders["llama"]), lora_r=4, lora_targets=targets, base_dtype=base_dtype)
+    optimizer = "muon" if dtype == torch.float32 else "adamw"  # Muon's matrices are frozen: adapters go to its AdamW
+    module = LanguageModel(init_from=str(folders["llama"]), lora_r=4, lora_targets=targets, base_dtype=base_dtype, optimizer=optimizer)
     adapted = lora_layers(module.model)
     assert {name.split(".", 3)[3] for name in adapted} == layers and len(adapted) == 2 * len(layers)
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
