@@ -15,12 +15,13 @@ import torch
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
 from lm_lightning.chat_template import load_chat_template
-from lm_lightning.checkpoint import load_gpt
 from lm_lightning.cli_hints import did_you_mean, option_strings
-from lm_lightning.export import export_pretrained
 from lm_lightning.errors import UserError
 from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation
+from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling, TextGenerator, check_num_samples
+from lm_lightning.lora import export_adapter
+from lm_lightning.pretrained import load_source
 from lm_lightning.serving.limits import Limits
 
 
@@ -158,7 +159,7 @@ def _print_header(i: int, num_samples: int) -> None:
         print(f"--- sample {i + 1} of {num_samples} ---")
 
 
-def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
+def export(ckpt_path: str, out: str, overwrite: bool = False, adapter: bool = False) -> None:
     """Write a checkpoint as a Hugging Face transformers folder of its family (GPT-2, Llama or Qwen3).
 
     The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and
@@ -169,8 +170,13 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
         out: Folder to write (``config.json``, ``model.safetensors``, ``generation_config.json``,
             ``tokenizer.json``, ``tokenizer_config.json``).
         overwrite: Write into ``out`` even if it is not empty (files of the same names are replaced).
+        adapter: For a LoRA run's checkpoint: write its adapters as a PEFT folder (``adapter_config.json``,
+            ``adapter_model.safetensors``) for ``PeftModel.from_pretrained(base, out)``, not the merged model.
     """
-    model, tokenizer = load_gpt(ckpt_path)
+    if adapter:
+        print(f"exported the adapters of {ckpt_path} to {export_adapter(ckpt_path, out, overwrite)}")
+        return
+    model, tokenizer = load_source(ckpt_path)[:2]  # a LoRA run's checkpoint: merged onto its base
     template = load_chat_template(ckpt_path, required=False)
     folder = export_pretrained(model, tokenizer, out, overwrite, template.source if template else None)
     print(f"exported {ckpt_path} to {folder}")

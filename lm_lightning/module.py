@@ -19,9 +19,11 @@ from lm_lightning.checkpoint import (
     TOKENIZER_KEY,
     check_same_tokenizer,
     check_shape,
+    CheckpointError,
 )
 from lm_lightning.errors import ConfigError, RunError
 from lm_lightning.files import cache_root
+from lm_lightning.lora import LORA_KEY, apply_lora, check_base, check_lora, is_adapter_key, source_hash
 from lm_lightning.model import GPT, GPTConfig
 from lm_lightning.optim import build_optimizer, warmup_cosine
 from lm_lightning.pretrained import init_model
@@ -47,6 +49,11 @@ class LanguageModel(L.LightningModule):
         activation_checkpointing: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         init_from: str | None = None,
+        lora_r: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_targets: tuple[str, ...] = ("attention", "mlp"),
+        base_dtype: Literal["float32", "bfloat16"] = "float32",
         **model_config,
     ):
         """A GPT trained by next-token prediction.
@@ -74,6 +81,14 @@ class LanguageModel(L.LightningModule):
                 (GPT-2, Llama, Qwen3; ``config.json`` and safetensors), a folder from ``lm-lightning export``, or a
                 ``.ckpt`` of ours. Its shape and tokenizer are used: leave model.* shape fields unset (a value that
                 contradicts it is an error; a smaller block_size is allowed) and data.tokenizer_path unset or the same.
+            lora_r: Rank of low-rank adapters (LoRA) trained on a frozen ``init_from`` model; 0: full fine-tuning.
+                Checkpoints then hold the adapters and the base's path and content hash, not the base.
+            lora_alpha: LoRA scale numerator: the update is ``lora_alpha / lora_r * B A``.
+            lora_dropout: Dropout on the adapters' input.
+            lora_targets: Layers that get adapters: ``attention`` (fused qkv and output projections), ``mlp``
+                (its input and output projections), ``all`` (both). See lm_lightning/lora.py.
+            base_dtype: Dtype of the frozen adapted layers' base weights (``bfloat16`` halves their memory);
+                the adapters stay fp32.
             model_config: The model's fields (``block_size``, ``n_layer``, ...), declared in ``GPTConfig``.
         """
         super().__init__()
@@ -89,10 +104,15 @@ class LanguageModel(L.LightningModule):
             self.config = GPTConfig(**model_config)
         except ValueError as e:
             raise ConfigError(f"model.{e}") from None
+        check_lora(lora_r, lora_targets, init_from, base_dtype)
         self.source = None
+        self.lora_base: dict[str, str] | None = None
         if init_from:
             source_model, tokenizer, self.source = init_model(init_from, model_config)
             self.config = source_model.config
+            if lora_r:
+                apply_lora(source_model, lora_r, lora_alpha, lora_dropout, lora_targets, base_dtype)
+                self.lora_base = {"path": self.source.path, "sha256": source_hash(self.source.path)}
         self.save_hyperparameters()
         self.hparams.update(dataclasses.asdict(self.config))  # every model field, defaults included
         self.model: GPT | None = None
@@ -152,6 +172,11 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TOKENIZER_KEY] = self.tokenizer_json  # a plain str: loads with weights_only=True
         checkpoint[SKIPPED_BATCHES_KEY] = self.skipped_batches
+        if self.lora_base:  # the adapters only; the frozen base is found again from its source
+            checkpoint[LORA_KEY] = self.lora_base
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.") or is_adapter_key(k)
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses a checkpoint of another shape or tokenizer with one line, before its weights are loaded."""
@@ -159,6 +184,14 @@ class LanguageModel(L.LightningModule):
         check_same_tokenizer(checkpoint.get(TOKENIZER_KEY), self.tokenizer_json)
         self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)
         self.skipped_batches = checkpoint.get(SKIPPED_BATCHES_KEY, 0)
+        if LORA_KEY in checkpoint:
+            if checkpoint[LORA_KEY] != self.lora_base:
+                check_base(checkpoint[LORA_KEY], "being resumed")
+                raise CheckpointError(
+                    f"the LoRA checkpoint was trained on {checkpoint[LORA_KEY]['path']}, not on model.init_from="
+                    f"{self.hparams.init_from}; resume with the run's own config"
+                )
+            checkpoint["state_dict"] = self.state_dict() | checkpoint["state_dict"]  # the base, from init_from
         if LEGACY_LOSS_WINDOW_KEY in checkpoint:  # written before the window was a metric: a sum and a count
             total, count = checkpoint[LEGACY_LOSS_WINDOW_KEY]
             state = checkpoint["state_dict"]

@@ -15,10 +15,11 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_gpt
+from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_checkpoint, load_gpt
 from lm_lightning.errors import ConfigError
 from lm_lightning.export import load_pretrained
 from lm_lightning.families import hf_config
+from lm_lightning.lora import LORA_KEY, load_lora_checkpoint
 from lm_lightning.model import GPT, GPTConfig, skip_init
 from lm_lightning.tokenizer import declared_special_tokens, load_tokenizer, token_bytes
 
@@ -30,7 +31,7 @@ class SourceInfo:
     path: str
     """The path given, resolved."""
     kind: str
-    """``transformers`` (a folder) or ``checkpoint`` (a ``.ckpt`` of ours)."""
+    """``transformers`` (a folder), ``checkpoint`` (a ``.ckpt`` of ours) or ``lora`` (a LoRA run's ``.ckpt``, merged)."""
     family: str
     """The transformers ``model_type`` (``gpt2``, ``llama``, ``mistral``, ...), or ``custom`` for a checkpoint no
     transformers class matches."""
@@ -67,6 +68,9 @@ def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
         model, tokenizer = load_pretrained(path)
         stop = [tokenizer.token_to_id(t) for t in declared_special_tokens(path)["eos"]]
         kind = "transformers"
+    elif LORA_KEY in (checkpoint := load_checkpoint(path, mmap=True)):  # adapters: merged onto their base
+        model, tokenizer, base = load_lora_checkpoint(checkpoint, path)
+        stop, kind = ([] if base.endswith(".ckpt") else [tokenizer.token_to_id(t) for t in declared_special_tokens(base)["eos"]]), "lora"
     else:
         model, tokenizer = load_gpt(path)
         stop, kind = [], "checkpoint"

@@ -11,6 +11,7 @@ from jsonargparse import Namespace
 
 from lm_lightning.checkpoint import RUN_ID_KEY, TOKENIZER_KEY, CheckpointError, load_checkpoint, model_config
 from lm_lightning.files import atomic_write_text, cache_root
+from lm_lightning.lora import LORA_KEY
 
 
 def tokenizer_file(tokenizer_json: str, cache_dir: str | None) -> Path:
@@ -37,6 +38,10 @@ def adopt_checkpoint(config: Namespace, defaults: Namespace) -> dict[str, str]:
     for key, value in saved.items():
         if key in config.model and config.model[key] == defaults.model.get(key):
             config.model[key] = value
+    if LORA_KEY in checkpoint:  # adapters: the model is their base with them on it
+        config.model.init_from = checkpoint[LORA_KEY]["path"]
+        for key in ("lora_r", "lora_alpha", "lora_targets"):
+            config.model[key] = hparams[key]
     config.data.block_size = config.model.block_size  # linked at parse time, before the shape was known
     if not config.data.tokenizer_path:
         config.data.tokenizer_path = str(tokenizer_file(checkpoint[TOKENIZER_KEY], config.data.cache_dir))

@@ -52,8 +52,6 @@ class LMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.model.get("init_from"):
-            apply_init_from(config)  # the model's shape and tokenizer come from the source
         if config.model.optimizer == "muon" and "fsdp" in str(config.trainer.strategy).lower():
             # FSDP flattens parameters: Muon needs whole matrices. Said now, before any tokenizing.
             raise ConfigError("model.optimizer=muon needs whole weight matrices, which FSDP shards; use DDP or model.optimizer=adamw")
@@ -83,6 +81,8 @@ class LMCLI(LightningCLI):
             if subcommand == "test" and not config.data.test_fraction:
                 raise DataError(NO_TEST_SPLIT)
             tags = adopt_checkpoint(config, self._subcommand_parsers[subcommand].get_defaults())
+        if config.model.get("init_from"):  # before a resumed checkpoint's shape is checked against the config
+            apply_init_from(config)  # the model's shape and tokenizer come from the source
         resolve_ckpt_path(config, subcommand)
         name_run(config, subcommand, tags)
 

@@ -17,7 +17,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from lm_lightning.checkpoint import load_gpt
+from lm_lightning.pretrained import load_source
 from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling
 
@@ -69,7 +69,7 @@ def log_text_model(
     model_id = client.create_logged_model(logger.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params).model_id
     previous = mlflow.get_tracking_uri()
     with tempfile.TemporaryDirectory() as tmp:
-        pretrained = export_pretrained(*load_gpt(checkpoint), Path(tmp) / "pretrained")
+        pretrained = export_pretrained(*load_source(checkpoint)[:2], Path(tmp) / "pretrained")
         # Quiet: no "input example" warning (the signature says what to send), no progress bar
         # for copying the artifact (it says "Downloading").
         with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):

@@ -86,6 +86,9 @@ class MLflowRunInfo(L.Callback):
             return
         datamodule = trainer.datamodule
         tags = {"n_params": str(pl_module.model.num_params()), "vocab_size": str(pl_module.model.config.vocab_size)}
+        params = list(pl_module.model.parameters())
+        tags["total_params"] = str(sum(p.numel() for p in params))
+        tags["trainable_params"] = str(sum(p.numel() for p in params if p.requires_grad))  # the adapters of a LoRA run
         if pl_module.source is not None:  # fine-tuning from model.init_from
             tags.update(pl_module.source.tags())
         if commit := git_commit(Path.cwd()):

@@ -1,0 +1,99 @@
+"""LoRA against full fine-tuning: memory, speed and checkpoint size on a 124M GPT-2 folder; quality at equal steps.
+
+    python benchmarks/lora.py --part speed --steps 30     # 124M GPT-2-shaped folder, block 256, batch 8
+    python benchmarks/lora.py --part quality --steps 200  # ours trained on Tiny Shakespeare, fine-tuned on the built-in corpus
+
+``speed``: a random 124M-parameter GPT-2 folder (``GPT2Config()`` shape, 50257 embedding rows, a 4096-token
+byte-level BPE) is fine-tuned for ``--steps`` steps, fully and with LoRA (r=8 on attention and MLP), each in its own
+process (``benchmarks/pretrained.py``'s ``fit``): median ``train/tokens_per_s``, the process's peak RSS, and the size of
+``last.ckpt``. ``quality``: a small model of ours is trained from scratch on Tiny Shakespeare, then fine-tuned on the
+built-in corpus for ``--steps`` steps, fully (lr 3e-4) and with LoRA r=16 on all targets (lr 3e-3): val/bpb of each.
+Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from pretrained import corpus_text, fit, gpt2_folder  # a sibling script, as ``python benchmarks/lora.py`` runs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+
+def newest_checkpoint(workdir: Path) -> Path:
+    return max(workdir.glob("runs/*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+def val_bpb(workdir: Path, experiment: str) -> float:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return client.get_metric_history(run.info.run_id, "val/bpb")[-1].value
+
+
+def speed_part(a: argparse.Namespace) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = gpt2_folder(tmp / "gpt2-124m", 4096, vocab_rows=50257)
+        (tmp / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+        common = ["--model.init_from", str(folder), "--data.path", str(tmp / "corpus.txt"), "--data.batch_size", "8",
+                  "--model.block_size", "256", "--trainer.max_steps", str(a.steps), "--trainer.val_check_interval", str(a.steps),
+                  "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.precision", "32-true",
+                  "--trainer.enable_progress_bar", "false", "--samples.prompts", "[]", "--model.warmup_steps", "0",
+                  "--trainer.logger.init_args.log_model", "false"]
+        runs = (("full", []), ("lora r=8 attention+mlp", ["--model.lora_r", "8", "--model.lora_targets", "[attention, mlp]"]))
+        for name, extra in runs:
+            row = fit([*common, *extra], tmp, name.split()[0])
+            row["checkpoint_mb"] = newest_checkpoint(tmp).stat().st_size / 2**20
+            rows.append({"run": name, "steps": a.steps, **row})
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def quality_part(a: argparse.Namespace) -> list[dict]:
+    shape = ["--model.n_layer", "4", "--model.n_head", "4", "--model.n_embd", "128", "--model.block_size", "128"]
+    common = ["--data.batch_size", "16", "--trainer.limit_val_batches", "8", "--trainer.precision", "32-true",
+              "--trainer.enable_progress_bar", "false", "--samples.prompts", "[]", "--trainer.logger.init_args.log_model", "false",
+              "--trainer.log_every_n_steps", "10"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+        pre = ["--config", str(ROOT / "conf/shakespeare.yaml"), *shape, "--data.path", str(SHAKESPEARE), "--trainer.max_steps",
+               str(a.pretrain_steps), "--trainer.val_check_interval", str(a.pretrain_steps), *common]
+        # fit() passes conf/finetune.yaml first; the later --config wins for what it sets.
+        fit(pre, tmp, "pretrain")
+        base = newest_checkpoint(tmp)
+        tune = ["--model.init_from", str(base), "--data.path", str(tmp / "corpus.txt"), "--trainer.max_steps", str(a.steps),
+                "--trainer.val_check_interval", str(a.steps), "--model.warmup_steps", "10", *common]
+        for name, extra in (("full lr=3e-4", ["--model.learning_rate", "3e-4"]),
+                            ("lora r=16 all lr=3e-3", ["--model.lora_r", "16", "--model.lora_alpha", "16", "--model.lora_targets", "[all]",
+                                                       "--model.learning_rate", "3e-3"])):
+            experiment = name.split()[0]
+            fit([*tune, *extra], tmp, experiment)
+            rows.append({"run": name, "steps": a.steps, "val_bpb": val_bpb(tmp, experiment)})
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("speed", "quality"), required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--pretrain_steps", type=int, default=300)
+    a = parser.parse_args()
+    rows = speed_part(a) if a.part == "speed" else quality_part(a)
+    for row in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
