@@ -109,6 +109,18 @@ def check_same_tokenizer(checkpoint_json: str | None, data_json: str | None) -> 
         )
 
 
+def check_weights(state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse, in one line naming the tensor, weights that would load and then compute garbage: an integer
+    (quantized) tensor in a float model, or one holding NaN or infinity."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"cannot load {source}: tensor {name} is {tensor.dtype}, not a float; quantized "
+                                  "weights are not supported, use the model's unquantized (fp32/bf16/fp16) weights")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"cannot load {source}: tensor {name} holds NaN or infinite values; "
+                                  "the weights are corrupt, use a good copy of the model")
+
+
 def load_gpt(path: str | Path, map_location: Any = "cpu") -> tuple[GPT, Tokenizer]:
     """The model (in eval mode) and tokenizer of a training checkpoint: what generation and export need."""
     checkpoint = load_checkpoint(path, map_location)
@@ -116,6 +128,7 @@ def load_gpt(path: str | Path, map_location: Any = "cpu") -> tuple[GPT, Tokenize
     if not checkpoint.get(TOKENIZER_KEY) or "state_dict" not in checkpoint or "vocab_size" not in hparams:
         raise CheckpointError(f"cannot load checkpoint {path}: it is not an lm-lightning training checkpoint")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    check_weights(state, path)
     with skip_init():  # every weight is loaded next
         model = GPT(model_config(hparams))
     model.load_state_dict(state)

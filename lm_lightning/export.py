@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from lm_lightning.checkpoint import check_weights
 from lm_lightning.errors import UserError
 from lm_lightning.families import config_from_hf, hf_config, hf_state, state_from_hf
 from lm_lightning.model import GPT, GPTConfig, skip_init
@@ -95,6 +96,27 @@ def _load_pickled(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _shards(folder: Path, index: str) -> list[Path]:
+    """The files a weight index names, each checked to be a file inside ``folder`` (an index is data from
+    elsewhere: a name such as ``../../etc/passwd``, an absolute path or a link out of the folder is refused)."""
+    try:
+        weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ExportError(f"cannot load {folder}: {index} is not a weight index (a JSON object with a weight_map of "
+                          "tensor names to file names)") from None
+    inside, shards = folder.resolve(), []
+    for name in sorted(names):
+        shard = (folder / str(name)).resolve()
+        if not isinstance(name, str) or not shard.is_relative_to(inside):
+            raise ExportError(f"cannot load {folder}: {index} names {name!r}, which is outside the folder; "
+                              "a weight index may only name files inside its model folder")
+        if not shard.is_file():
+            raise ExportError(f"cannot load {folder}: {index} names {name}, which does not exist; copy the whole model folder")
+        shards.append(shard)
+    return shards
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors``, or of the shards its index lists; else of ``pytorch_model.bin``
     (or its shards), read with ``torch.load(weights_only=True)``."""
@@ -102,10 +124,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / single).is_file():
             return read(folder / single)
         if (folder / index).is_file():
-            shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
             weights = {}
-            for shard in sorted(shards):
-                weights.update(read(folder / shard))
+            for shard in _shards(folder, index):
+                weights.update(read(shard))
             return weights
     raise OSError(f"it has no {WEIGHTS} (nor {WEIGHTS_INDEX} with its shards)")
 
@@ -148,7 +169,9 @@ def load_model(folder: str | Path) -> GPT:
     with skip_init():  # every weight is loaded next
         model = GPT(config)
     try:
-        model.load_state_dict(state_from_hf(config, weights))
+        state = state_from_hf(config, weights)
+        check_weights(state, folder)
+        model.load_state_dict(state)
     except (KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
         lines = [line.strip() for line in str(e).strip().splitlines()]
         first = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
