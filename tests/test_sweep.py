@@ -118,6 +118,25 @@ def test_a_trial_far_behind_is_pruned_and_a_failing_trial_is_recorded(mlflow_sto
     assert failed.data.params["model.n_head"] == "3"  # a trial that failed before its run began gets one
 
 
+def test_a_sweep_whose_every_trial_failed_exits_non_zero_with_a_summary(mlflow_store, tiny_config, corpus):
+    # n_embd 32 does not split into 3 heads: every trial fails as it starts.
+    done = sweep(tiny_config, corpus, {"model.n_head": {"choices": [3]}}, "--sweep.n_trials", "2")
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: all 2 trials of this sweep failed (trial 0:") and "n_head" in last, last
+    (parent,), children = runs_by_role(MlflowClient(mlflow_store))
+    assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
+
+
+@pytest.mark.parametrize("n_trials", ["0", "-1"])
+def test_fewer_than_one_trial_is_one_line(n_trials, mlflow_store, tiny_config, corpus, capsys):
+    code = run_main("sweep", "--config", str(tiny_config), "--data.path", str(corpus), "--sweep.n_trials", n_trials,
+                    "--sweep.space", json.dumps(LR_RANGE))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: sweep.n_trials={n_trials} must be at least 1 (the trials to run now)"], err
+    assert not Path("optuna.db").exists()
+
+
 BAD_SPACES = {
     "unknown-key": ({"model.learnin_rate": {"low": 1e-4, "high": 1e-2}}, "model.learnin_rate is not a config key"),
     "low-above-high": ({"model.learning_rate": {"low": 1e-2, "high": 1e-4}}, "low 0.01 > high 0.0001"),
@@ -143,7 +162,7 @@ def test_a_bad_space_is_one_line_before_any_trial(case, mlflow_store, tiny_confi
 
 def test_speedrun_sweep_config_is_valid_and_a_dead_sweeps_trial_is_failed(mlflow_store, corpus, capsys):
     args = ["sweep", "--config", str(ROOT / "conf" / "speedrun-shakespeare.yaml"), "--config", str(ROOT / "conf" / "sweep-speedrun.yaml"),
-            "--data.path", str(corpus), "--sweep.n_trials", "0"]
+            "--data.path", str(corpus), "--sweep.timeout", "0"]  # checks and records the study, runs no trial
     assert run_main(*args) == 0, capsys.readouterr().err
     storage = f"sqlite:///{Path.cwd() / 'optuna.db'}"
     study = optuna.load_study(study_name="sweep-speedrun", storage=storage)

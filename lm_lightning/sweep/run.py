@@ -122,6 +122,8 @@ class Sweep:
 
     def __init__(self, settings: SweepSettings, fit_args: list[str]):
         self.settings = settings
+        if settings.n_trials < 1:
+            raise SweepError(f"sweep.n_trials={settings.n_trials} must be at least 1 (the trials to run now)")
         self.space = build_space(settings.space)
         if settings.target is not None and settings.direction == "maximize":
             raise SweepError("sweep.target: the objective is then seconds to the target, for a metric that is minimized")
@@ -214,11 +216,14 @@ class Sweep:
         print(f"sweep {self.settings.name!r}: study in {self.storage}, parent MLflow run {self.parent_id}, trials under {self.folder}")
         status, start = "FAILED", time.monotonic()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        ran: list[int] = []
         try:
             for _ in range(self.settings.n_trials):
                 if self.settings.timeout is not None and time.monotonic() - start > self.settings.timeout:
                     break
-                self._run_trial(self.study.ask(self.space))
+                trial = self.study.ask(self.space)
+                ran.append(trial.number)
+                self._run_trial(trial)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -229,6 +234,11 @@ class Sweep:
         if status == "KILLED":
             print("sweep stopped: rerun the same command to continue the study", file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT_CODE)
+        failed = [t for t in self.study.get_trials(deepcopy=False) if t.number in ran and t.state == TrialState.FAIL]
+        if ran and len(failed) == len(ran):
+            print(f"error: all {len(ran)} trials of this sweep failed (trial {failed[0].number}: "
+                  f"{failed[0].user_attrs.get('error', 'see its log')}); their logs are under {self.folder}", file=sys.stderr)
+            sys.exit(1)
 
     def _trial_command(self, trial: optuna.Trial) -> list[str]:
         s = self.settings
