@@ -22,7 +22,7 @@ from pathlib import Path
 from pretrained import corpus_text, fit, gpt2_folder  # a sibling script, as ``python benchmarks/lora.py`` runs
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def newest_checkpoint(workdir: Path) -> Path:

@@ -21,6 +21,7 @@ import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ from lm_lightning.model import GPT, GPTConfig
 from lm_lightning.tokenizer import train_tokenizer
 
 PROMPT = "我爱北京天安门"
-POEMS = "/work/shared/data/zh_poetry.txt"
+POEMS = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "zh_poetry.txt")
 
 
 def seconds(run) -> float:
