@@ -190,8 +190,10 @@ def _answer(generator: TextGenerator, template: ChatTemplate, messages: list[dic
 
 
 def chat(ckpt_path: str, prompt: str = "", system: str = "", device: str = "auto", **sampling) -> None:
-    """Talk to a chat model: multi-turn in a terminal (``/reset`` starts over, ``/exit`` or end of input quits);
-    one turn, the answer alone, from ``--prompt`` or from standard input when it is not a terminal.
+    """Talk to a chat model: multi-turn in a terminal, or one turn from --prompt or piped standard input.
+
+    In a terminal each line is a user turn (``/reset`` starts over, ``/exit`` or end of input quits); with
+    ``--prompt``, or standard input that is not a terminal, one turn is answered and the answer printed alone.
 
     Args:
         ckpt_path: A checkpoint (.ckpt) with a chat template, an export of one, or a transformers folder with a
