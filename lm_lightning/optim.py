@@ -20,8 +20,47 @@ from lm_lightning.model import GPT
 OPTIMIZERS = ("adamw", "muon")
 
 
+def _orthogonalize(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of a stack of matrices of one shape ``(n, rows, cols)``, rows <= cols, in
+    bf16: ``torch.optim.Muon``'s iteration (same coefficients, normalisation and steps) as batched matmuls, so
+    matrices of one shape cost one kernel per product instead of one each."""
+    a, b, c = coefficients
+    x = updates.bfloat16()
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
+
+
+@torch.no_grad()
+def muon_step(group: dict[str, Any], state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+    """One step of ``torch.optim.Muon`` over ``group`` (its hyperparameters, its ``momentum_buffer`` state, the
+    same update), with the matrices of one orientation-normalised shape orthogonalised together.
+
+    torch's Muon orthogonalises one matrix at a time: at width 128 that is most of a step's optimizer time,
+    spent in small kernels (benchmarks/muon_step.py)."""
+    lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        buf = state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad, memory_format=torch.preserve_format))
+        buf.lerp_(p.grad, 1 - momentum)
+        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+        tall = p.size(0) > p.size(1)
+        by_shape.setdefault(tuple(update.mT.shape if tall else update.shape), []).append((p, update.mT if tall else update))
+    for pairs in by_shape.values():
+        ortho = _orthogonalize(torch.stack([u for _, u in pairs]), group["ns_coefficients"], group["ns_steps"], group["eps"])
+        for (p, _), o in zip(pairs, ortho):
+            rows, cols = p.shape
+            p.mul_(1 - lr * wd)  # decoupled decay with the unadjusted rate, as torch's Muon
+            p.add_(o.mT if rows > cols else o, alpha=-lr * math.sqrt(max(1, rows / cols)))
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` over ``muon_groups`` and ``torch.optim.AdamW`` over ``adamw_groups``, as one optimizer.
+    """Muon over ``muon_groups`` and ``torch.optim.AdamW`` over ``adamw_groups``, as one optimizer. Muon is
+    ``torch.optim.Muon``'s groups, defaults and state, stepped by :func:`muon_step` (batched by shape).
 
     ``param_groups`` is AdamW's groups then Muon's (the same dicts the two optimizers read; AdamW's
     first, so ``param_groups[0]["lr"]`` is ``learning_rate`` times the schedule, as with AdamW alone), and
@@ -56,7 +95,8 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.muon.step()
+        for group in self.muon.param_groups:
+            muon_step(group, self.state)
         self.adamw.step()
         return loss
 

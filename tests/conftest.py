@@ -24,6 +24,18 @@ CHINESE = (
     "红豆生南国，春来发几枝。愿君多采撷，此物最相思。\n"
 )
 
+# Texts every tokenizer must round-trip byte for byte: CJK, emoji and joiners, CRLF and tabs, control bytes,
+# combining marks.
+UNICODE_SAMPLES = [
+    "Hello, world!",
+    CHINESE,
+    "我爱北京天安门",
+    "emoji 🦀🚀 and flags 🇨🇳🇬🇧, zero-width-joined 👩‍💻",
+    "tabs\tand\r\nCRLF\r\nand trailing spaces   \n",
+    "mixed 中文 and English, 日本語のかな, 한국어, Ελληνικά, русский",
+    "\x00 control \x1b[0m bytes and combining e\u0301",
+]
+
 TINY_CONFIG = """
 seed_everything: 7
 model:

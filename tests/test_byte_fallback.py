@@ -17,20 +17,11 @@ from lm_lightning.generate import TextGenerator
 from lm_lightning.pretrained import load_source
 from lm_lightning.tokenizer import begin_of_text, continuation_tokenizer, is_byte_fallback, token_bytes, train_tokenizer
 
-from conftest import CHINESE, english_text, run_main
+from conftest import CHINESE, UNICODE_SAMPLES, english_text, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SAMPLES = [
-    "Hello, world!",
-    CHINESE,
-    "我爱北京天安门",
-    "emoji 🦀🚀 and flags 🇨🇳🇬🇧, zero-width-joined 👩‍💻",
-    "tabs\tand\r\nCRLF\r\nand trailing spaces   \n",
-    " a leading space, and  two",
-    "mixed 中文 and English, 日本語のかな, 한국어, Ελληνικά, русский",
-    "\x00 control \x1b[0m bytes and combining e\u0301",
-]
+SAMPLES = UNICODE_SAMPLES + [" a leading space, and  two"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 

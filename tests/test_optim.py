@@ -112,3 +112,25 @@ def test_muon_refuses_a_matrix_that_is_not_2d():
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="optimizer='sgd' is not a choice; choose one of adamw, muon"):
         build_optimizer(GPT(GPTConfig(**CONFIG)), "sgd")
+
+
+def test_batched_muon_step_is_torchs_muon():
+    """muon_step orthogonalises matrices of one shape together; the update is torch.optim.Muon's (to bf16's
+    rounding), step after step, for wide, tall and square matrices."""
+    from lm_lightning.optim import muon_step
+
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 32), (128, 32), (32, 128), (96, 32), (32, 32)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
+    mine = torch.optim.Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)  # groups and state only
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        reference.step()
+        muon_step(mine.param_groups[0], mine.state)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+    assert set(mine.state[ours[0]]) == {"momentum_buffer"}  # the state a checkpoint of torch's Muon holds

@@ -10,18 +10,9 @@ from lm_lightning.tokenizer import (
     train_tokenizer,
 )
 
-from conftest import CHINESE, english_text
+from conftest import CHINESE, UNICODE_SAMPLES, english_text
 
-SAMPLES = [
-    "Hello, world!",
-    CHINESE,
-    "我爱北京天安门",
-    "emoji 🦀🚀 and flags 🇨🇳🇬🇧, zero-width-joined 👩‍💻",
-    "tabs\tand\r\nCRLF\r\nand trailing spaces   \n",
-    "mixed 中文 and English, 日本語のかな, 한국어, Ελληνικά, русский",
-    "\x00 control \x1b[0m bytes and combining e\u0301",
-    "",
-]
+SAMPLES = UNICODE_SAMPLES + [""]
 
 
 @pytest.fixture(scope="module")
