@@ -33,6 +33,7 @@ LIGHT_COMMANDS = {  # lm_lightning/commands.py
     "evaluate": "Score a checkpoint on text files, every token once: loss, perplexity, bits per byte.",
     "generate": "Continue a prompt with a trained model.",
     "export": "Write a checkpoint as a Hugging Face transformers folder.",
+    "chat": "Talk to a chat model (a checkpoint or folder with a chat template).",
     "serve": "Serve a model over an OpenAI-compatible HTTP API, with a chat page.",
 }
 # Subcommands in modules of their own, each with ``main(args)``; listed when the module is there.

@@ -14,7 +14,7 @@ from typing import get_type_hints
 import torch
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
-from lm_lightning.chat_template import load_chat_template
+from lm_lightning.chat_template import ChatTemplate, load_chat_template
 from lm_lightning.cli_hints import did_you_mean, option_strings
 from lm_lightning.errors import UserError
 from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation
@@ -182,6 +182,62 @@ def export(ckpt_path: str, out: str, overwrite: bool = False, adapter: bool = Fa
     print(f"exported {ckpt_path} to {folder}")
 
 
+def _answer(generator: TextGenerator, template: ChatTemplate, messages: list[dict], settings: Sampling) -> str:
+    """Stream the assistant's answer to ``messages`` to standard output and return it."""
+    ids = template.encode(generator.tokenizer, messages, add_generation_prompt=True)
+    block_size = generator.model.config.block_size
+    if len(ids) >= block_size:
+        raise UserError(f"the conversation has {len(ids)} tokens, the model reads {block_size}; /reset it or shorten it")
+    device = generator.model.lm_head.weight.device
+    pieces = []
+    for step in generator.sample_ids(torch.tensor(ids, dtype=torch.long, device=device), settings):
+        print(step[0], end="", flush=True)
+        pieces.append(step[0])
+    print(flush=True)
+    return "".join(pieces)
+
+
+def chat(ckpt_path: str, prompt: str = "", system: str = "", device: str = "auto", **sampling) -> None:
+    """Talk to a chat model: multi-turn in a terminal, or one turn from --prompt or piped standard input.
+
+    In a terminal each line is a user turn (``/reset`` starts over, ``/exit`` or end of input quits); with
+    ``--prompt``, or standard input that is not a terminal, one turn is answered and the answer printed alone.
+
+    Args:
+        ckpt_path: A checkpoint (.ckpt) with a chat template, an export of one, or a transformers folder with a
+            chat template (tokenizer_config.json ``chat_template`` or chat_template.jinja).
+        prompt: One user turn; the answer is printed alone and the command ends.
+        system: A system turn before the conversation.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ...; ``auto`` picks a GPU if there is one.
+        sampling: How tokens are drawn (``Sampling``): max_new_tokens, temperature, top_k, top_p, seed, stop,
+            valid_utf8. An answer ends at the template's end-of-turn token.
+    """
+    settings = Sampling(**sampling)
+    template = load_chat_template(ckpt_path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, info = load_source(ckpt_path)
+    generator = TextGenerator(model.to(device), tokenizer, (*info.stop_tokens, *template.stop_token_ids(tokenizer)))
+    start = [{"role": "system", "content": system}] if system else []
+    if prompt or not sys.stdin.isatty():
+        text = prompt or sys.stdin.read()
+        _answer(generator, template, [*start, {"role": "user", "content": text}], settings)
+        return
+    messages = list(start)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": line})
+        messages.append({"role": "assistant", "content": _answer(generator, template, messages, settings)})
+
+
 API_KEY_VARIABLE = "LM_LIGHTNING_API_KEY"
 
 
@@ -239,7 +295,7 @@ def serve(
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=None)
 
 
-COMMANDS = {"evaluate": evaluate, "generate": generate, "export": export, "serve": serve}
+COMMANDS = {"evaluate": evaluate, "generate": generate, "export": export, "chat": chat, "serve": serve}
 
 
 def run(name: str, args: list[str]) -> None:

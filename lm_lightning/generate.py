@@ -346,8 +346,11 @@ class TextGenerator:
         ``num_samples`` strings, '' where nothing became final). A sample ends at end-of-text, at a
         stop string, or after ``max_new_tokens`` tokens; the last list yielded completes them all.
         The same seed gives the same text; unset, sampling draws from torch's global generator."""
+        return self.sample_ids(self.encode_prompt(prompt), sampling, num_samples)
+
+    def sample_ids(self, ids: torch.Tensor, sampling: Sampling, num_samples: int = 1) -> Iterator[list[str]]:
+        """:meth:`sample` from prompt token ids already encoded (a chat template's rendering, at most ``block_size``)."""
         check_num_samples(num_samples)
-        ids = self.encode_prompt(prompt)
         self._check_memory(len(ids) + sampling.max_new_tokens, num_samples)
         generator = None
         if sampling.seed is not None:

@@ -1,6 +1,11 @@
 """Chat templates rendered and tokenized as transformers' apply_chat_template does, on real templates."""
 
 import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -160,3 +165,66 @@ def test_export_carries_the_default_template(tmp_path):
     template = load_chat_template(folder)
     assert template.source == DEFAULT_TEMPLATE
     assert template.encode(tokenizer, CHAT[:3], add_generation_prompt=True) == list(expected)
+
+
+def qwen_chat_folder(tmp_path):
+    """A tiny random transformers Qwen3 folder with the Qwen-style chat template."""
+    import torch
+    import transformers
+
+    folder = chat_folder(tmp_path, "qwen")
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+    )
+    hf = transformers.Qwen3ForCausalLM(config).eval()
+    hf.save_pretrained(folder)
+    return folder, tokenizer, hf
+
+
+CHAT_CLI = [sys.executable, "-m", "lm_lightning.cli", "chat", "--temperature", "0", "--max_new_tokens", "24", "--device", "cpu"]
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_greedy_chat_cli_equals_transformers(tmp_path):
+    import torch
+
+    folder, tokenizer, hf = qwen_chat_folder(tmp_path)
+    question = "What is 2 + 3? 你好"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+    ids = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    stops = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+    new = [t for t in out[0, len(ids):].tolist()]
+    new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    assert len(new) > 3  # a real answer to compare, not an immediate end of turn
+    result = subprocess.run(
+        [*CHAT_CLI, "--ckpt_path", str(folder), "--system", "Be brief.", "--prompt", question, "--valid_utf8", "false"],
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    piped = subprocess.run(
+        [*CHAT_CLI, "--ckpt_path", str(folder), "--system", "Be brief.", "--valid_utf8", "false"],
+        input=question, capture_output=True, text=True, env=ENV, timeout=120,
+    )
+    assert piped.stdout == result.stdout
+
+
+def test_terminal_chat_is_multi_turn_with_reset(tmp_path):
+    folder, _, _ = qwen_chat_folder(tmp_path)
+
+    def one_turn(text):
+        return subprocess.run([*CHAT_CLI, "--ckpt_path", str(folder), "--prompt", text], capture_output=True, text=True, env=ENV).stdout
+
+    primary, secondary = pty.openpty()  # standard input a terminal: the multi-turn loop
+    os.write(primary, "2 + 3?\n/reset\n你好\n/exit\n".encode())
+    run = subprocess.run([*CHAT_CLI, "--ckpt_path", str(folder)], stdin=secondary, capture_output=True, text=True, env=ENV, timeout=120)
+    os.close(primary), os.close(secondary)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "> " + one_turn("2 + 3?") + "> > " + one_turn("你好") + "> "  # /reset answers nothing
