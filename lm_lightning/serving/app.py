@@ -213,13 +213,24 @@ async def _events(requests: list[Request], events: asyncio.Queue, n: int, client
     open_choices = len(requests) * n
     try:
         while open_choices:
-            item = await events.get()
-            if item is None:
-                return
-            p, event = item
-            if event.finish_reason is not None:
-                open_choices -= 1
-            yield p * n + event.index, event
+            # What arrived while the last chunk was written goes out as one chunk per choice: a client (or a loop
+            # serving many) that falls behind the engine catches up in one write instead of one write per token.
+            items = [await events.get()]
+            while not events.empty():
+                items.append(events.get_nowait())
+            merged: dict[int, Event] = {}
+            for item in items:
+                if item is None:
+                    return
+                p, event = item
+                choice = p * n + event.index
+                if choice in merged:
+                    event = Event(event.index, merged.pop(choice).text + event.text, event.finish_reason, event.tokens)
+                merged[choice] = event
+            for choice, event in merged.items():
+                if event.finish_reason is not None:
+                    open_choices -= 1
+                yield choice, event
     finally:
         watcher.cancel()
         for request in requests:
