@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from lm_lightning.errors import UserError
 from lm_lightning.files import atomic_write
 from lm_lightning.model import GPT, GPTConfig, skip_init
-from lm_lightning.tokenizer import tokenizer_from_str
+from lm_lightning.tokenizer import TokenizerError, load_tokenizer, tokenizer_from_str
 
 LAST = "last.ckpt"
 TOKENIZER_KEY = "tokenizer_json"
@@ -107,6 +107,18 @@ def check_same_tokenizer(checkpoint_json: str | None, data_json: str | None) -> 
             "the checkpoint's tokenizer differs from the data's tokenizer; set data.tokenizer_path to the "
             "tokenizer the checkpoint was trained with (lm-lightning saves it in the run's artifacts)"
         )
+
+
+def tokenizer_of(path: str | Path) -> Tokenizer:
+    """The tokenizer saved in a training checkpoint (``.ckpt``, read without its tensors), else
+    :func:`~lm_lightning.tokenizer.load_tokenizer`'s: a ``tokenizer.json`` or a transformers folder's."""
+    path = Path(path)
+    if path.suffix != ".ckpt" or not path.is_file():
+        return load_tokenizer(path)
+    text = load_checkpoint(path, mmap=True).get(TOKENIZER_KEY)
+    if not text:
+        raise TokenizerError(f"checkpoint {path} holds no tokenizer; it is not an lm-lightning training checkpoint")
+    return tokenizer_from_str(text, source=str(path))
 
 
 def check_weights(state: Mapping[str, torch.Tensor], source: str | Path) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_checkpoint, load_gpt
+from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_checkpoint, load_gpt, tokenizer_of
 from lm_lightning.errors import ConfigError
 from lm_lightning.export import load_pretrained
 from lm_lightning.families import hf_config
 from lm_lightning.lora import LORA_KEY, load_lora_checkpoint
 from lm_lightning.model import GPT, GPTConfig, skip_init
-from lm_lightning.tokenizer import declared_special_tokens, load_tokenizer, token_bytes
+from lm_lightning.tokenizer import declared_special_tokens, token_bytes
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,6 @@ def apply_init_from(config) -> None:
         config.model[name] = getattr(resolved, name)
     config.data.block_size = resolved.block_size
     given = config.data.tokenizer_path
-    if given and load_tokenizer(given).to_str() != load_tokenizer(path).to_str():
+    if given and tokenizer_of(given).to_str() != tokenizer_of(path).to_str():
         raise ConfigError(f"data.tokenizer_path={given} is not the tokenizer of model.init_from={path}; unset data.tokenizer_path")
     config.data.tokenizer_path = str(path)

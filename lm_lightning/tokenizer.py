@@ -91,20 +91,13 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A ``tokenizer.json``, the tokenizer of a transformers folder (see :func:`folder_tokenizer`), or the one
-    saved in a training checkpoint (``.ckpt``)."""
+    """A ``tokenizer.json``, or the tokenizer of a transformers folder (see :func:`folder_tokenizer`). A training
+    checkpoint's is :func:`lm_lightning.checkpoint.tokenizer_of`'s."""
     path = Path(path)
     if path.is_dir():
         return folder_tokenizer(path)
     if not path.is_file():
         raise TokenizerError(f"tokenizer file {path} does not exist; fix data.tokenizer_path or unset it to train one")
-    if path.suffix == ".ckpt":
-        from lm_lightning.checkpoint import TOKENIZER_KEY, load_checkpoint  # checkpoint imports this module
-
-        text = load_checkpoint(path, mmap=True).get(TOKENIZER_KEY)
-        if not text:
-            raise TokenizerError(f"checkpoint {path} holds no tokenizer; it is not an lm-lightning training checkpoint")
-        return tokenizer_from_str(text, source=str(path))
     return tokenizer_from_str(path.read_text(encoding="utf-8", errors="replace"), source=str(path))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from lm_lightning.checkpoint import tokenizer_of
 from lm_lightning.data.corpus import READ_BLOCK, BUILTIN_CORPUS, DataError, Source, iter_documents, iter_sample, resolve_sources
 from lm_lightning.files import WriteError, atomic_write_text, file_lock, remove_stale_temporaries, temporary_path
 from lm_lightning.tokenizer import begin_of_text, continuation_tokenizer, end_of_text, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
@@ -339,7 +340,7 @@ class TokenCache:
     def _tokenizer(self, sources: list[Source]) -> Tokenizer:
         """Load ``tokenizer_path``, or reuse / train the corpus's own tokenizer."""
         if self.tokenizer_path:
-            return load_tokenizer(self.tokenizer_path)
+            return tokenizer_of(self.tokenizer_path)  # a tokenizer file, a folder or a .ckpt (model.init_from)
         path = self.folder / "tokenizer.json"
         wanted = {
             "sources": [s.fingerprint for s in sources],
