@@ -16,6 +16,7 @@ Checkpoints written before the training-loss window became a metric hold it as `
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import fields
@@ -128,22 +129,72 @@ def check_weights(state: Mapping[str, torch.Tensor], source: str | Path) -> None
         if not tensor.is_floating_point():
             raise CheckpointError(f"cannot load {source}: tensor {name} is {tensor.dtype}, not a float; quantized "
                                   "weights are not supported, use the model's unquantized (fp32/bf16/fp16) weights")
-        if not torch.isfinite(tensor).all():
+        # A sum is one cheap pass and non-finite whenever an element is; only then is every element looked at
+        # (a sum of finite values can overflow).
+        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
             raise CheckpointError(f"cannot load {source}: tensor {name} holds NaN or infinite values; "
                                   "the weights are corrupt, use a good copy of the model")
 
 
-def load_gpt(path: str | Path, map_location: Any = "cpu") -> tuple[GPT, Tokenizer]:
-    """The model (in eval mode) and tokenizer of a training checkpoint: what generation and export need."""
-    checkpoint = load_checkpoint(path, map_location)
+def _available_memory() -> int:
+    """Bytes of memory this machine can still give (Linux's MemAvailable; else all of it)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_size(config: GPTConfig, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse, before a model of ``config`` is allocated, a config that needs more parameters than ``state`` holds
+    (an edited or hostile config: ``n_layer`` 10^6 on a two-layer file) or more memory than this machine has.
+
+    The count is a lower bound (embedding, attention's query and output, the MLP's two matrices), in Python
+    integers, so it never overflows and never refuses a config that fits its weights."""
+    per_layer = config.n_embd * config.head_size * config.n_head * 2 + config.n_embd * config.mlp_width * 2
+    needed = config.vocab_size * config.n_embd + config.n_layer * per_layer
+    held = sum(t.numel() for t in state.values())
+    if needed > held:
+        raise CheckpointError(
+            f"cannot load {source}: its config (n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size="
+            f"{config.vocab_size}, ...) needs at least {needed:,} parameters but its weights hold {held:,}; "
+            "the config is not this model's, use the model's own config")
+    tables = config.block_size * (config.n_embd if config.pos_embedding == "learned" else config.head_size)
+    if 4 * (held + tables) > (available := _available_memory()):
+        raise CheckpointError(f"cannot load {source}: it needs {4 * (held + tables) / 2**30:.1f} GiB of memory in fp32 "
+                              f"(block_size={config.block_size}), this machine has {available / 2**30:.1f} GiB available")
+
+
+def assign_weights(model: GPT, state: Mapping[str, torch.Tensor]) -> None:
+    """Make ``state``'s tensors (as fp32) ``model``'s parameters instead of copying them into the ones it allocated:
+    a memory-mapped file's tensors are then read once, on first use (copy-on-write), as transformers'
+    ``from_pretrained`` does. A ``load_state_dict`` error (names or shapes that do not fit) is raised as it is."""
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    if model.config.tie_embeddings:  # assign gave the head a parameter of its own
+        model.lm_head.weight = model.transformer.wte.weight
+
+
+def load_gpt(path: str | Path, checkpoint: Mapping[str, Any] | None = None) -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a training checkpoint: what generation and export need.
+    ``checkpoint``: the file's :func:`load_checkpoint`, when the caller has read it already."""
+    if checkpoint is None:
+        checkpoint = load_checkpoint(path, mmap=True)  # the optimizer's states are never read
     hparams = checkpoint.get("hyper_parameters") or {}
     if not checkpoint.get(TOKENIZER_KEY) or "state_dict" not in checkpoint or "vocab_size" not in hparams:
         raise CheckpointError(f"cannot load checkpoint {path}: it is not an lm-lightning training checkpoint")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    config = model_config(hparams)
+    check_size(config, state, path)
     check_weights(state, path)
     with skip_init():  # every weight is loaded next
-        model = GPT(model_config(hparams))
-    model.load_state_dict(state)
+        model = GPT(config)
+    try:
+        assign_weights(model, state)
+    except RuntimeError as e:  # names or shapes its hyperparameters do not give
+        first = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")), str(e).splitlines()[0])
+        raise CheckpointError(f"cannot load {path}: its weights do not fit its hyper_parameters ({first})") from None
     return model.eval(), tokenizer_from_str(checkpoint[TOKENIZER_KEY], source=str(path))
 
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint
 from lm_lightning.data.cache import iter_batches, iter_document_ids
 from lm_lightning.data.corpus import DataError, resolve_sources
 from lm_lightning.errors import UserError
@@ -107,8 +106,7 @@ def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | Non
     """The model and tokenizer of a checkpoint, an exported folder or a transformers folder, and the MLflow run that
     wrote the checkpoint."""
     model, tokenizer, info = load_source(path)
-    run_id = load_checkpoint(path, mmap=True).get(RUN_ID_KEY) if info.kind == "checkpoint" else None
-    return model.to(device), tokenizer, run_id
+    return model.to(device), tokenizer, info.run_id if info.kind == "checkpoint" else None
 
 
 def evaluate_model(model: GPT, tokenizer: Tokenizer, path: str, stride: int | None = None, batch_size: int = 8) -> Scores:

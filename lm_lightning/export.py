@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import check_weights
+from lm_lightning.checkpoint import assign_weights, check_size, check_weights
 from lm_lightning.errors import UserError
 from lm_lightning.families import config_from_hf, hf_config, hf_state, state_from_hf
 from lm_lightning.model import GPT, GPTConfig, skip_init
@@ -139,9 +140,12 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise ExportError(f"cannot load {folder}: it has no config.json, so it is not a transformers model folder")
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except ValueError as e:
         raise ExportError(f"cannot load {folder}: config.json is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ExportError(f"cannot load {folder}: config.json holds a {type(hf).__name__}, not a JSON object of settings")
+    return hf
 
 
 def folder_config(folder: str | Path) -> GPTConfig:
@@ -153,25 +157,29 @@ def folder_config(folder: str | Path) -> GPTConfig:
         raise ExportError(f"cannot load {folder}: {e}") from None
     except KeyError as e:
         raise ExportError(f"cannot load {folder}: config.json has no {e}") from None
+    except TypeError as e:  # a setting of the wrong type met in the family's arithmetic ("two" // 2)
+        raise ExportError(f"cannot load {folder}: config.json has a setting of the wrong type ({e})") from None
 
 
-def load_model(folder: str | Path) -> GPT:
+def load_model(folder: str | Path, config: GPTConfig | None = None) -> GPT:
     """The model (in eval mode) of a transformers folder of a family in :mod:`lm_lightning.families`: ours from
-    :func:`export_pretrained`, or one written by transformers' ``save_pretrained``."""
+    :func:`export_pretrained`, or one written by transformers' ``save_pretrained``. ``config``: its
+    :func:`folder_config`, when the caller has read it already."""
     folder = Path(folder)
-    config = folder_config(folder)
+    config = config or folder_config(folder)
     try:
         weights = _read_weights(folder)
     except ExportError:
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated file, a lying header
         raise ExportError(f"cannot load {folder}: not a transformers model folder ({e})") from None
+    check_size(config, weights, folder)
     with skip_init():  # every weight is loaded next
         model = GPT(config)
     try:
         state = state_from_hf(config, weights)
         check_weights(state, folder)
-        model.load_state_dict(state)
+        assign_weights(model, state)
     except (KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
         lines = [line.strip() for line in str(e).strip().splitlines()]
         first = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
@@ -184,9 +192,9 @@ def load_pretrained(folder: str | Path) -> tuple[GPT, Tokenizer]:
     ``vocab.json`` and ``merges.txt``) of a transformers folder; a tokenizer with more tokens than the
     model's embedding has rows is refused."""
     folder = Path(folder)
-    folder_config(folder)  # a folder that is not a model is named as such before its tokenizer is looked for
+    config = folder_config(folder)  # a folder that is not a model is named as such before its tokenizer is looked for
     tokenizer = folder_tokenizer(folder)
-    model = load_model(folder)
+    model = load_model(folder, config)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ExportError(
             f"cannot load {folder}: its tokenizer has {tokenizer.get_vocab_size()} tokens but the model's embedding "

@@ -13,10 +13,13 @@ before the other choices existed loads with the same parameter names and gives t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -36,6 +39,36 @@ ROPE_SCALING_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
 }
+
+
+@functools.cache
+def _config_types() -> dict[str, Any]:
+    return typing.get_type_hints(GPTConfig)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the declared type ``hint`` (the kinds GPTConfig uses: scalars, Literal, Optional,
+    list and dict); an int is a float, a bool is not an int."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is Literal:  # which choice: __post_init__'s CHOICES check names them
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 @dataclass
@@ -126,6 +159,13 @@ class GPTConfig:
     rope gives qwen3 with qk_norm, else llama."""
 
     def __post_init__(self) -> None:
+        # A config read from a file (config.json, a checkpoint's hyperparameters) may hold anything: types first,
+        # so that a "two" or a null is named here rather than failing in arithmetic below.
+        hints = _config_types()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, hints[f.name]):
+                raise ValueError(f"{f.name}={value!r} is not of type {_type_name(hints[f.name])}")
         for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_size", "mlp_hidden", "n_kv_head", "head_dim", "sliding_window"):
             value = getattr(self, name)
             if value is not None and value < 1:

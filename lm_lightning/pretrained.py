@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import TRAINING_ONLY_FIELDS, load_checkpoint, load_gpt, tokenizer_of
+from lm_lightning.checkpoint import RUN_ID_KEY, TRAINING_ONLY_FIELDS, load_checkpoint, load_gpt, tokenizer_of
 from lm_lightning.errors import ConfigError
 from lm_lightning.export import load_pretrained
 from lm_lightning.families import hf_config
@@ -39,6 +39,8 @@ class SourceInfo:
     """First 16 hex digits of the SHA-256 of the model config (every field, as JSON)."""
     stop_tokens: tuple[int, ...] = ()
     """End-of-sequence token ids the folder declares (generation stops at them as well as at end-of-text)."""
+    run_id: str | None = None
+    """The MLflow run that wrote a checkpoint (``None`` for a folder)."""
 
     def tags(self) -> dict[str, str]:
         return {"init_from": self.path, "init_from.kind": self.kind, "init_from.family": self.family,
@@ -66,17 +68,18 @@ def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
     path = Path(path)
     if path.is_dir() or path.suffix != ".ckpt":
         model, tokenizer = load_pretrained(path)
-        stop = [tokenizer.token_to_id(t) for t in declared_special_tokens(path)["eos"]]
-        kind = "transformers"
+        stop = [tokenizer.token_to_id(t) for t in declared_special_tokens(path, tokenizer)["eos"]]
+        kind, run_id = "transformers", None
     elif LORA_KEY in (checkpoint := load_checkpoint(path, mmap=True)):  # adapters: merged onto their base
         model, tokenizer, base = load_lora_checkpoint(checkpoint, path)
         stop, kind = ([] if base.endswith(".ckpt") else [tokenizer.token_to_id(t) for t in declared_special_tokens(base)["eos"]]), "lora"
+        run_id = checkpoint.get(RUN_ID_KEY)
     else:
-        model, tokenizer = load_gpt(path)
-        stop, kind = [], "checkpoint"
+        model, tokenizer = load_gpt(path, checkpoint)
+        stop, kind, run_id = [], "checkpoint", checkpoint.get(RUN_ID_KEY)
     token_bytes(tokenizer)  # refuses a tokenizer that is not byte-level now, not after tokenizing a corpus with it
     info = SourceInfo(str(path.resolve()), kind, _family(model.config), config_hash(model.config),
-                      tuple(i for i in stop if i is not None))
+                      tuple(i for i in stop if i is not None), run_id)
     return model, tokenizer, info
 
 

@@ -108,17 +108,20 @@ def _read_json(path: Path) -> dict:
         raise TokenizerError(f"{path} is not valid JSON ({e})") from None
 
 
-def declared_special_tokens(folder: str | os.PathLike) -> dict[str, list[str]]:
+def declared_special_tokens(folder: str | os.PathLike, tokenizer: Tokenizer | None = None) -> dict[str, list[str]]:
     """The ``bos``, ``eos`` and ``unk`` tokens a transformers folder declares (``tokenizer_config.json``'s
-    ``*_token``, else the ids of ``generation_config.json`` and ``config.json``, named through ``vocab.json``
-    or ``tokenizer.json``), each as a list (generation may stop at several)."""
+    ``*_token``, else the ids of ``generation_config.json`` and ``config.json``, named by ``tokenizer``, the
+    folder's, when it is loaded already, else through ``vocab.json`` or ``tokenizer.json``), each as a list
+    (generation may stop at several)."""
     folder = Path(folder)
     configs = [_read_json(folder / name) for name in ("tokenizer_config.json", "generation_config.json", "config.json")]
-    tokenizer_json = _read_json(folder / "tokenizer.json")
-    vocab = _read_json(folder / "vocab.json") or tokenizer_json.get("model", {}).get("vocab", {})
-    added = tokenizer_json.get("added_tokens", [])
-    names = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {}
-    names.update({a["id"]: a["content"] for a in added})
+    if tokenizer is not None:
+        names = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    else:
+        tokenizer_json = _read_json(folder / "tokenizer.json")
+        vocab = _read_json(folder / "vocab.json") or tokenizer_json.get("model", {}).get("vocab", {})
+        names = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {}
+        names.update({a["id"]: a["content"] for a in tokenizer_json.get("added_tokens", [])})
     declared: dict[str, list[str]] = {}
     for kind in ("bos", "eos", "unk"):
         token = configs[0].get(f"{kind}_token")

@@ -97,3 +97,63 @@ def test_integer_or_non_finite_weights_in_a_checkpoint(tmp_path, capsys, bad):
     save_checkpoint(checkpoint, ckpt)
     generate_fails(capsys, ckpt, f"tensor {name.removeprefix('model.')}", "int8" if bad == "int8" else "NaN or infinite")
     assert load_source(OLD)[0] is not None  # the committed checkpoint itself still loads
+
+
+def edit_config(model, **changes):
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | changes))
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"num_hidden_layers": "two"}, "is not of type int"),
+    ({"num_attention_heads": None}, "config.json"),
+    ({"vocab_size": 10**9}, "needs at least"),
+    ({"num_hidden_layers": 10**6}, "needs at least"),
+    ({"intermediate_size": 10**10}, "needs at least"),
+    ({"max_position_embeddings": 10**12}, "GiB of memory"),
+])
+def test_a_config_that_does_not_fit_its_weights_or_memory(llama, tmp_path, capsys, changes, expected):
+    """Checked against the weights and the machine's memory before a model is allocated (these hung or raised
+    a DefaultCPUAllocator traceback)."""
+    model = copy(llama, tmp_path)
+    edit_config(model, **changes)
+    generate_fails(capsys, model, "cannot load", expected)
+
+
+def test_a_config_that_is_not_an_object(llama, tmp_path, capsys):
+    model = copy(llama, tmp_path)
+    (model / "config.json").write_text("[1, 2]")
+    generate_fails(capsys, model, "config.json holds a list")
+
+
+@pytest.mark.parametrize("size", [0, 8, "half"])
+def test_truncated_weights(llama, tmp_path, capsys, size):
+    model = copy(llama, tmp_path)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2 if size == "half" else size])
+    generate_fails(capsys, model, "cannot load", "not a transformers model folder")
+
+
+def test_a_header_that_declares_more_than_the_file_holds(llama, tmp_path, capsys):
+    model = copy(llama, tmp_path)
+    data = (model / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] = 10**15
+    text = json.dumps(header).encode()
+    (model / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    generate_fails(capsys, model, "cannot load", "not a transformers model folder")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"n_layer": 10**6}, "needs at least"),
+    ({"n_head": "x"}, "n_head='x' is not of type int"),
+    ({"block_size": 512}, "its weights do not fit its hyper_parameters (size mismatch for transformer.wpe.weight"),
+])
+def test_a_checkpoint_whose_hyperparameters_were_edited(tmp_path, capsys, changes, expected):
+    ckpt = tmp_path / "model.ckpt"
+    checkpoint = load_checkpoint(OLD)
+    checkpoint["hyper_parameters"].update(changes)
+    save_checkpoint(checkpoint, ckpt)
+    generate_fails(capsys, ckpt, expected)
