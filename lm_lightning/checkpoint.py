@@ -155,7 +155,7 @@ def check_size(config: GPTConfig, state: Mapping[str, torch.Tensor], source: str
     integers, so it never overflows and never refuses a config that fits its weights."""
     per_layer = config.n_embd * config.head_size * config.n_head * 2 + config.n_embd * config.mlp_width * 2
     needed = config.vocab_size * config.n_embd + config.n_layer * per_layer
-    held = sum(t.numel() for t in state.values())
+    held = sum(t.numel() for t in {t.data_ptr(): t for t in state.values()}.values())  # a tied head once
     if needed > held:
         raise CheckpointError(
             f"cannot load {source}: its config (n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size="
@@ -176,6 +176,13 @@ def assign_weights(model: GPT, state: Mapping[str, torch.Tensor]) -> None:
         model.lm_head.weight = model.transformer.wte.weight
 
 
+def load_error_line(error: Exception) -> str:
+    """The line of a ``load_state_dict`` error (a ``RuntimeError`` listing every problem) that names the first
+    tensor that does not fit: a size mismatch, a missing or an unexpected key; else its first line."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    return next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
+
+
 def load_gpt(path: str | Path, checkpoint: Mapping[str, Any] | None = None) -> tuple[GPT, Tokenizer]:
     """The model (in eval mode) and tokenizer of a training checkpoint: what generation and export need.
     ``checkpoint``: the file's :func:`load_checkpoint`, when the caller has read it already."""
@@ -193,8 +200,7 @@ def load_gpt(path: str | Path, checkpoint: Mapping[str, Any] | None = None) -> t
     try:
         assign_weights(model, state)
     except RuntimeError as e:  # names or shapes its hyperparameters do not give
-        first = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")), str(e).splitlines()[0])
-        raise CheckpointError(f"cannot load {path}: its weights do not fit its hyper_parameters ({first})") from None
+        raise CheckpointError(f"cannot load {path}: its weights do not fit its hyper_parameters ({load_error_line(e)})") from None
     return model.eval(), tokenizer_from_str(checkpoint[TOKENIZER_KEY], source=str(path))
 
 

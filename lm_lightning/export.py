@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from lm_lightning.checkpoint import assign_weights, check_size, check_weights
+from lm_lightning.checkpoint import assign_weights, check_size, check_weights, load_error_line
 from lm_lightning.errors import UserError
 from lm_lightning.families import config_from_hf, hf_config, hf_state, state_from_hf
 from lm_lightning.model import GPT, GPTConfig, skip_init
@@ -181,9 +181,7 @@ def load_model(folder: str | Path, config: GPTConfig | None = None) -> GPT:
         check_weights(state, folder)
         assign_weights(model, state)
     except (KeyError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
-        lines = [line.strip() for line in str(e).strip().splitlines()]
-        first = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
-        raise ExportError(f"cannot load {folder}: its weights do not fit its config.json ({first})") from None
+        raise ExportError(f"cannot load {folder}: its weights do not fit its config.json ({load_error_line(e)})") from None
     return model.eval()
 
 

@@ -72,7 +72,7 @@ def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
         kind, run_id = "transformers", None
     elif LORA_KEY in (checkpoint := load_checkpoint(path, mmap=True)):  # adapters: merged onto their base
         model, tokenizer, base = load_lora_checkpoint(checkpoint, path)
-        stop, kind = ([] if base.endswith(".ckpt") else [tokenizer.token_to_id(t) for t in declared_special_tokens(base)["eos"]]), "lora"
+        stop, kind = ([] if base.endswith(".ckpt") else [tokenizer.token_to_id(t) for t in declared_special_tokens(base, tokenizer)["eos"]]), "lora"
         run_id = checkpoint.get(RUN_ID_KEY)
     else:
         model, tokenizer = load_gpt(path, checkpoint)

@@ -108,20 +108,13 @@ def _read_json(path: Path) -> dict:
         raise TokenizerError(f"{path} is not valid JSON ({e})") from None
 
 
-def declared_special_tokens(folder: str | os.PathLike, tokenizer: Tokenizer | None = None) -> dict[str, list[str]]:
+def declared_special_tokens(folder: str | os.PathLike, tokenizer: Tokenizer) -> dict[str, list[str]]:
     """The ``bos``, ``eos`` and ``unk`` tokens a transformers folder declares (``tokenizer_config.json``'s
     ``*_token``, else the ids of ``generation_config.json`` and ``config.json``, named by ``tokenizer``, the
-    folder's, when it is loaded already, else through ``vocab.json`` or ``tokenizer.json``), each as a list
-    (generation may stop at several)."""
+    folder's, already loaded), each as a list (generation may stop at several)."""
     folder = Path(folder)
     configs = [_read_json(folder / name) for name in ("tokenizer_config.json", "generation_config.json", "config.json")]
-    if tokenizer is not None:
-        names = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
-    else:
-        tokenizer_json = _read_json(folder / "tokenizer.json")
-        vocab = _read_json(folder / "vocab.json") or tokenizer_json.get("model", {}).get("vocab", {})
-        names = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {}
-        names.update({a["id"]: a["content"] for a in tokenizer_json.get("added_tokens", [])})
+    names = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     declared: dict[str, list[str]] = {}
     for kind in ("bos", "eos", "unk"):
         token = configs[0].get(f"{kind}_token")
@@ -151,7 +144,7 @@ def folder_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(f"cannot read {folder}/vocab.json and merges.txt ({str(e).splitlines()[0]})") from None
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = [t for tokens in declared_special_tokens(folder).values() for t in tokens]
+    specials = [t for tokens in declared_special_tokens(folder, tokenizer).values() for t in tokens]
     tokenizer.add_special_tokens([t for t in dict.fromkeys(specials) if tokenizer.token_to_id(t) is not None] or [EOT])
     return tokenizer_from_str(tokenizer.to_str(), source=f"{folder}/vocab.json")
 
