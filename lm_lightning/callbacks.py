@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lm_lightning.chat_template import CHAT_TEMPLATE_KEY, checkpoint_template
 from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from lm_lightning.generate import Sampling, TextGenerator
 from lm_lightning.hardware import peak_flops, precision_dtype
@@ -74,6 +76,8 @@ class TokensPerSecond(L.Callback):
             self._stretch = self._start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(batch, (tuple, list)):  # conversations (ids, trained): positions computed, padding included
+            batch = batch[0]
         self._tokens += batch[:, 1:].numel() * trainer.world_size
         if self._start is not None and (trainer.global_step % trainer.log_every_n_steps == 0):
             elapsed = time.perf_counter() - self._start
@@ -127,23 +131,37 @@ class GracefulCtrlC(L.Callback):
 
 class TextSamples(L.Callback):
     """At each validation of ``fit``, continues a few fixed prompts and logs the text to the MLflow run
-    as ``samples/step_000200.txt``, so runs' samples compare side by side as training progresses.
+    as ``samples/step_000200.txt``, so runs' samples compare side by side as training progresses. A run on
+    conversations answers fixed user turns instead (``chat_prompts``, else the first held-out conversations).
 
     Sampling draws from its own seeded ``torch.Generator``: the same step gives the same draws, and
     training's random state is untouched.
     """
 
-    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 64, seed: int = 1234, **sampling):
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        max_new_tokens: int = 64,
+        seed: int = 1234,
+        chat_prompts: list[str] | None = None,
+        num_chat_samples: int = 2,
+        **sampling,
+    ):
         """
         Args:
             prompts: Prompts to continue, e.g. ``["ROMEO:", "床前明月光"]``; ``""`` starts a new document.
                 Unset: ``[""]``, which suits any corpus. ``[]`` turns samples off.
+            chat_prompts: For a run on conversations: user turns the model answers, each a conversation of its
+                own, rendered with the run's chat template. Unset: the first ``num_chat_samples`` validation
+                conversations, up to their first assistant turn (held-out questions the model answers).
+            num_chat_samples: How many validation conversations are answered when ``chat_prompts`` is unset.
             max_new_tokens: Tokens generated per prompt.
             seed: Seed of the sampler's own generator.
             sampling: The other ``Sampling`` settings (temperature, top_k, top_p, stop).
         """
         self.sampling = Sampling(max_new_tokens=max_new_tokens, seed=seed, **sampling)
         self.prompts = [""] if prompts is None else list(prompts)
+        self.chat_prompts, self.num_chat_samples = chat_prompts, num_chat_samples
         self._generator: TextGenerator | None = None
 
     @rank_zero_only
@@ -151,11 +169,41 @@ class TextSamples(L.Callback):
         logger = mlflow_logger(trainer)
         if trainer.sanity_checking or trainer.state.fn != "fit" or logger is None or not self.prompts or not pl_module.tokenizer_json:
             return
+        tokenizer = tokenizer_from_str(pl_module.tokenizer_json)
+        template = checkpoint_template({CHAT_TEMPLATE_KEY: pl_module.chat_template}, tokenizer)
         if self._generator is None:
-            self._generator = TextGenerator(pl_module.model, tokenizer_from_str(pl_module.tokenizer_json))
+            stop = template.stop_token_ids(tokenizer) if template is not None else ()
+            self._generator = TextGenerator(pl_module.model, tokenizer, stop)
         # Lightning puts the model back in train mode only after on_validation_end: dropout is off here.
-        texts = [self._generator.complete(prompt, self.sampling)[0] for prompt in self.prompts]
-        log_samples(logger, trainer.global_step, self.prompts, texts)
+        if template is None:
+            prompts = self.prompts
+            texts = [self._generator.complete(prompt, self.sampling)[0] for prompt in prompts]
+        else:
+            contexts = self._chat_contexts(trainer, template, tokenizer)
+            prompts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in contexts]
+            device = pl_module.model.lm_head.weight.device
+            texts = [
+                "".join(step[0] for step in self._generator.sample_ids(torch.tensor(ids, device=device), self.sampling))
+                for ids in contexts
+            ]
+        log_samples(logger, trainer.global_step, prompts, texts)
+
+    def _chat_contexts(self, trainer, template, tokenizer) -> list[list[int]]:
+        """Token ids the chat samples answer: ``chat_prompts`` rendered, or held-out conversations up to their
+        first assistant token."""
+        if self.chat_prompts:
+            return [template.encode(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in self.chat_prompts]
+        datamodule = getattr(trainer, "datamodule", None)
+        conversations = getattr(datamodule, "conversations", {}).get("val")
+        if conversations is None:
+            return []
+        contexts = []
+        for i in range(min(self.num_chat_samples, len(conversations))):
+            start, end = int(conversations.starts[i]), int(conversations.starts[i + 1])
+            trained = conversations.mask[start:end].nonzero()[0]
+            cut = start + (int(trained[0]) if len(trained) else end - start)
+            contexts.append(datamodule.tokens["val"][start:cut].tolist()[-trainer.lightning_module.config.block_size :])
+        return contexts
 
 
 class ValidateLastStep(L.Callback):

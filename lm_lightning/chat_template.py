@@ -29,14 +29,13 @@ from tokenizers import Tokenizer
 
 from lm_lightning.checkpoint import TOKENIZER_KEY, load_checkpoint
 from lm_lightning.errors import UserError
-from lm_lightning.tokenizer import END_OF_TEXT, tokenizer_from_str
+from lm_lightning.tokenizer import END_OF_TEXT, IM_END, IM_START, tokenizer_from_str
 
 CHAT_TEMPLATE_KEY = "chat_template"
 """The checkpoint key (a string) and ``tokenizer_config.json`` field that hold a model's chat template."""
 
 ROLES = ("system", "user", "assistant")
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHAT_SPECIAL_TOKENS = (IM_START, IM_END)
 """The role markers of :data:`DEFAULT_TEMPLATE`, special tokens of a tokenizer that chats with it."""
 
@@ -106,12 +105,12 @@ class ChatTemplate:
         """Token ids of :meth:`render`, tokenized with ``add_special_tokens=False`` (as ``apply_chat_template``)."""
         return tokenizer.encode(self.render(messages, add_generation_prompt), add_special_tokens=False).ids
 
-    def encode_with_mask(self, tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-        """Token ids of the whole conversation and, per token, whether it is the assistant's (a training target).
+    def render_with_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation's text and the character spans of its assistant turns (the training targets).
 
-        An assistant turn's text is what rendering the conversation up to and including it adds to rendering the
+        An assistant turn's span is what rendering the conversation up to and including it adds to rendering the
         conversation before it with the generation prompt: its content and what ends it (``<|im_end|>``), so the
-        model learns to stop. A token is the assistant's when it starts inside such a span."""
+        model learns to stop."""
         text = self.render(messages)
         spans = []
         for i, message in enumerate(messages):
@@ -125,15 +124,25 @@ class ChatTemplate:
                     f"(turn {i + 1}); it cannot mark the assistant's tokens, use a template that renders turn by turn"
                 )
             spans.append((len(before), len(upto)))
+        return text, spans
+
+    def encode_with_mask(self, tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        """Token ids of the whole conversation and, per token, whether it is the assistant's (a training target):
+        a token is when it starts inside an assistant span of :meth:`render_with_spans`."""
+        text, spans = self.render_with_spans(messages)
         encoding = tokenizer.encode(text, add_special_tokens=False)
-        mask = [any(a <= start < b for a, b in spans) for start, _ in encoding.offsets]
-        return encoding.ids, mask
+        return encoding.ids, span_mask(encoding.offsets, spans)
 
     def stop_token_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
         """The ids generation stops on: the end-of-turn tokens the tokenizer has, then the end-of-text (eos) token."""
         names = [t for t in END_OF_TURN if t in self.source] + [self.eos_token] + list(END_OF_TURN)
         ids = [tokenizer.token_to_id(t) for t in [*names, *END_OF_TEXT] if t]
         return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token (its character ``offsets``), whether it starts inside one of ``spans``."""
+    return [any(a <= start < b for a, b in spans) for start, _ in offsets]
 
 
 def check_messages(messages: Any, where: str = "the record", need_assistant: bool = True) -> list[dict]:
@@ -199,6 +208,24 @@ def checkpoint_template(checkpoint: Mapping[str, Any], tokenizer: Tokenizer | No
         return None
     eos = next((t for t in END_OF_TEXT if tokenizer is not None and tokenizer.token_to_id(t) is not None), None)
     return ChatTemplate(source, eos_token=eos)
+
+
+def training_template(tokenizer_path: str | None, tokenizer: Tokenizer) -> ChatTemplate:
+    """The template conversations are rendered with for training on ``tokenizer``: the chat template of
+    ``tokenizer_path`` (a transformers folder or a ``.ckpt`` that has one), else :data:`DEFAULT_TEMPLATE`, whose role
+    markers must then be special tokens of the tokenizer (every tokenizer we train has them)."""
+    path = Path(tokenizer_path) if tokenizer_path else None
+    template = load_chat_template(path, required=False) if path is not None and (path.is_dir() or path.suffix == ".ckpt") else None
+    if template is not None:
+        return template
+    missing = [t for t in CHAT_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise ChatError(
+            f"the tokenizer {tokenizer_path} has no {' or '.join(missing)} token and no chat template, so conversations "
+            "cannot be rendered; use a model folder with a chat template, or leave data.tokenizer_path unset to train one"
+        )
+    eos = next((t for t in END_OF_TEXT if tokenizer.token_to_id(t) is not None), None)
+    return ChatTemplate(DEFAULT_TEMPLATE, eos_token=eos)
 
 
 def load_chat_template(source: str | Path, required: bool = True) -> ChatTemplate | None:

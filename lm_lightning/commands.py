@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_type_hints
@@ -119,7 +120,9 @@ def evaluate(
 ) -> None:
     """Score a model on text files, every token once: print loss, perplexity, bits per byte, token and byte counts.
 
-    Windows of the model's block_size run over the documents joined as in training (end-of-text between them).
+    Windows of the model's block_size run over the documents joined as in training (end-of-text between them). A
+    ``.jsonl`` of conversations (``messages``, or ``prompt`` and ``completion``) is rendered with the model's chat
+    template and scored as validation scores it: each conversation alone, on the assistant's tokens only.
 
     Args:
         ckpt_path: A checkpoint (.ckpt) written by ``lm-lightning fit``, a folder written by ``lm-lightning export``, or
@@ -138,7 +141,9 @@ def evaluate(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, source_run_id = load_scored_model(ckpt_path, device)
-    scores = evaluate_model(model, tokenizer, data.path, stride, batch_size)
+    # A corpus of conversations is rendered with the model's chat template.
+    template = load_chat_template(ckpt_path, required=False)
+    scores = evaluate_model(model, tokenizer, data.path, stride, batch_size, template)
     run_id = None
     if mlflow:
         stride = model.config.block_size if stride is None else stride
@@ -182,17 +187,24 @@ def export(ckpt_path: str, out: str, overwrite: bool = False, adapter: bool = Fa
     print(f"exported {ckpt_path} to {folder}")
 
 
-def _answer(generator: TextGenerator, template: ChatTemplate, messages: list[dict], settings: Sampling) -> str:
-    """Stream the assistant's answer to ``messages`` to standard output and return it."""
+def answer_pieces(generator: TextGenerator, template: ChatTemplate, messages: list[dict], settings: Sampling) -> Iterator[str]:
+    """The assistant's answer to ``messages``, as it is generated (pieces of whole characters with ``valid_utf8``);
+    it ends at the template's end-of-turn token. A conversation the model cannot read whole is one line of error."""
     ids = template.encode(generator.tokenizer, messages, add_generation_prompt=True)
     block_size = generator.model.config.block_size
     if len(ids) >= block_size:
         raise UserError(f"the conversation has {len(ids)} tokens, the model reads {block_size}; /reset it or shorten it")
     device = generator.model.lm_head.weight.device
-    pieces = []
     for step in generator.sample_ids(torch.tensor(ids, dtype=torch.long, device=device), settings):
-        print(step[0], end="", flush=True)
-        pieces.append(step[0])
+        yield step[0]
+
+
+def _answer(generator: TextGenerator, template: ChatTemplate, messages: list[dict], settings: Sampling) -> str:
+    """Stream the assistant's answer to ``messages`` to standard output and return it."""
+    pieces = []
+    for piece in answer_pieces(generator, template, messages, settings):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
     print(flush=True)
     return "".join(pieces)
 

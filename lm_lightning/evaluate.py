@@ -1,10 +1,12 @@
 """Scoring a model on text: every token of the files once, in windows of the model's context, as training reads
-documents (joined with end-of-text tokens). Loss, perplexity and bits per UTF-8 byte of the text, exact."""
+documents (joined with end-of-text tokens). Loss, perplexity and bits per UTF-8 byte of the text, exact. A corpus of
+conversations is scored as validation scores it: each conversation on its own, the assistant's tokens only."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -14,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lm_lightning.data.cache import iter_batches, iter_document_ids
-from lm_lightning.data.corpus import DataError, resolve_sources
+from lm_lightning.chat_template import ChatError, ChatTemplate
+from lm_lightning.data.cache import Conversations, iter_batches, iter_conversation_ids, iter_document_ids
+from lm_lightning.data.corpus import DataError, is_conversation_corpus, resolve_sources
+from lm_lightning.data.windows import conversation_rows
 from lm_lightning.errors import UserError
 from lm_lightning.model import GPT
 from lm_lightning.pretrained import load_source
-from lm_lightning.tokenizer import end_of_text
+from lm_lightning.tokenizer import end_of_text, token_bytes
 
 
 @dataclass
@@ -44,10 +48,17 @@ class Corpus(NamedTuple):
     """The corpus hash that training's token cache records."""
     n_bytes: int
     """UTF-8 bytes of the text."""
+    conversations: Conversations | None = None
+    """For a corpus of conversations (``tokens`` their renderings, one after the other): the assistant's tokens
+    (the mask) and where each conversation starts."""
 
 
-def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text") -> Corpus:
-    """The :class:`Corpus` of ``path`` (a file, folder or glob, as ``data.path`` reads it)."""
+def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text", template: ChatTemplate | None = None) -> Corpus:
+    """The :class:`Corpus` of ``path`` (a file, folder or glob, as ``data.path`` reads it); conversations are
+    rendered with ``template`` (the model's chat template)."""
+    sources = resolve_sources(path)
+    if is_conversation_corpus(sources, jsonl_field):
+        return _read_conversations(path, sources, tokenizer, jsonl_field, template)
     ids, corpus_hash, n_bytes = [np.array([end_of_text(tokenizer)], dtype=np.int64)], hashlib.sha256(), 0
 
     def seen(text: str) -> None:
@@ -56,11 +67,30 @@ def read_tokens(path: str, tokenizer: Tokenizer, jsonl_field: str = "text") -> C
         corpus_hash.update(data)
         n_bytes += len(data)
 
-    for source in resolve_sources(path):
+    for source in sources:
         ids.extend(iter_document_ids(source, jsonl_field, tokenizer, np.int64, seen))
     if n_bytes == 0:
         raise DataError(f"{path} holds no text (0 bytes): there is nothing to score; pass a file with text in it")
     return Corpus(np.concatenate(ids), corpus_hash.hexdigest(), n_bytes)
+
+
+def _read_conversations(path, sources, tokenizer, jsonl_field, template) -> Corpus:
+    if template is None:
+        raise ChatError(f"{path} holds conversations, and the model has no chat template to render them; score plain text")
+    corpus_hash, ids, masks, starts = hashlib.sha256(), [], [], [0]
+    for source in sources:
+        for conversation, mask in iter_conversation_ids(source, jsonl_field, tokenizer, template, np.int64, lambda t: corpus_hash.update(t.encode("utf-8"))):
+            ids.append(conversation)
+            masks.append(mask)
+            starts.append(starts[-1] + len(conversation))
+    tokens, mask = np.concatenate(ids), np.concatenate(masks)
+    # Bytes of the assistant's text: what bits per byte is over, as in training's validation.
+    n_bytes = int(_byte_table(tokenizer)[tokens[mask.astype(bool)]].sum())
+    return Corpus(tokens, corpus_hash.hexdigest(), n_bytes, Conversations(mask, np.asarray(starts, dtype=np.int64)))
+
+
+def _byte_table(tokenizer: Tokenizer) -> np.ndarray:
+    return np.asarray([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
 
 
 def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -102,6 +132,26 @@ def score(model: GPT, tokens: np.ndarray, stride: int | None = None, batch_size:
     return nats, n_tokens
 
 
+@torch.inference_mode()
+def score_conversations(
+    model: GPT, tokens: np.ndarray, conversations: Conversations, tokenizer: Tokenizer, batch_size: int = 8
+) -> tuple[float, int, int]:
+    """Summed nats over the assistant's tokens of each conversation, read alone from its start and cut to the model's
+    ``block_size + 1`` tokens (as validation reads them); the number of tokens scored and their UTF-8 bytes."""
+    block_size, device, pad_id = model.config.block_size, model.lm_head.weight.device, end_of_text(tokenizer)
+    table = torch.from_numpy(_byte_table(tokenizer))
+    nats, n_tokens, n_bytes = 0.0, 0, 0
+    for batch in iter_batches(range(len(conversations)), batch_size):
+        ids, trained = conversation_rows(tokens, conversations, batch, block_size + 1, pad_id)
+        ids, trained = ids.to(device), trained[:, 1:].to(device)
+        logits = model.forward(ids[:, :-1]).float()
+        losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        nats += losses[trained].double().sum().item()
+        n_tokens += int(trained.sum())
+        n_bytes += int(table[ids[:, 1:][trained].cpu()].sum())
+    return nats, n_tokens, n_bytes
+
+
 def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | None]:
     """The model and tokenizer of a checkpoint, an exported folder or a transformers folder, and the MLflow run that
     wrote the checkpoint."""
@@ -109,14 +159,25 @@ def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | Non
     return model.to(device), tokenizer, info.run_id if info.kind == "checkpoint" else None
 
 
-def evaluate_model(model: GPT, tokenizer: Tokenizer, path: str, stride: int | None = None, batch_size: int = 8) -> Scores:
-    """``Scores`` of ``model`` on the text of ``path`` (a file, folder or glob, as ``data.path``)."""
-    corpus = read_tokens(path, tokenizer)
-    nats, n_tokens = score(model, corpus.tokens, stride, batch_size)
+def evaluate_model(
+    model: GPT, tokenizer: Tokenizer, path: str, stride: int | None = None, batch_size: int = 8, template: ChatTemplate | None = None
+) -> Scores:
+    """``Scores`` of ``model`` on the text of ``path`` (a file, folder or glob, as ``data.path``); a corpus of
+    conversations (rendered with ``template``) on the assistant's tokens, each conversation alone (``stride`` unused)."""
+    corpus = read_tokens(path, tokenizer, template=template)
+    n_bytes = corpus.n_bytes
+    if corpus.conversations is not None:
+        nats, n_tokens, n_bytes = score_conversations(model, corpus.tokens, corpus.conversations, tokenizer, batch_size)
+        if cut := int(corpus.conversations.mask.sum()) - n_tokens:
+            warnings.warn(f"{cut} assistant tokens are past the model's block_size in their conversation; not scored", stacklevel=2)
+        if not n_tokens:
+            raise DataError(f"{path} has no assistant token within the model's block_size: there is nothing to score")
+    else:
+        nats, n_tokens = score(model, corpus.tokens, stride, batch_size)
     loss = nats / n_tokens
     # Bits per byte of the text itself: a sentencepiece tokenizer's tokens also spell the space it puts before
     # each text (``▁``), which is no byte of the text.
-    return Scores(loss, math.exp(loss), nats / math.log(2) / corpus.n_bytes, n_tokens, corpus.n_bytes, corpus.sha256)
+    return Scores(loss, math.exp(loss), nats / math.log(2) / max(n_bytes, 1), n_tokens, n_bytes, corpus.sha256)
 
 
 def log_evaluation(

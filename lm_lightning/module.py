@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
+from lm_lightning.chat_template import CHAT_TEMPLATE_KEY
 from lm_lightning.checkpoint import (
     LEGACY_LOSS_WINDOW_KEY,
     SKIPPED_BATCHES_KEY,
@@ -125,6 +126,7 @@ class LanguageModel(L.LightningModule):
         self.train_loss.persistent(True)
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
         self.tokenizer_json: str | None = None
+        self.chat_template: str | None = None
         self.skipped_batches = 0
         if init_from:
             self.model, self.tokenizer_json = source_model, tokenizer.to_str()
@@ -154,6 +156,7 @@ class LanguageModel(L.LightningModule):
             )
         check_same_tokenizer(self.tokenizer_json, datamodule.tokenizer.to_str())
         self.tokenizer_json = datamodule.tokenizer.to_str()
+        self.chat_template = getattr(datamodule, "chat_template", None) or self.chat_template
         self.token_bytes = datamodule.token_byte_lengths().to(self.device)
 
     def configure_model(self) -> None:
@@ -172,6 +175,8 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TOKENIZER_KEY] = self.tokenizer_json  # a plain str: loads with weights_only=True
         checkpoint[SKIPPED_BATCHES_KEY] = self.skipped_batches
+        if self.chat_template is not None:  # the template it was trained to answer in: chat and export read it
+            checkpoint[CHAT_TEMPLATE_KEY] = self.chat_template
         if self.lora_base:  # the adapters only; the frozen base is found again from its source
             checkpoint[LORA_KEY] = self.lora_base
             checkpoint["state_dict"] = {
@@ -184,6 +189,7 @@ class LanguageModel(L.LightningModule):
         check_same_tokenizer(checkpoint.get(TOKENIZER_KEY), self.tokenizer_json)
         self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)
         self.skipped_batches = checkpoint.get(SKIPPED_BATCHES_KEY, 0)
+        self.chat_template = checkpoint.get(CHAT_TEMPLATE_KEY, self.chat_template)
         if LORA_KEY in checkpoint:
             if checkpoint[LORA_KEY] != self.lora_base:
                 check_base(checkpoint[LORA_KEY], "being resumed")
@@ -203,15 +209,20 @@ class LanguageModel(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def _token_losses(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    def _token_losses(
+        self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-target losses, the targets and, for a batch of conversations ``(ids, trained)``, which targets count."""
+        ids, trained = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
         logits = self.model(inputs)
         losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-        return losses, targets
+        return losses, targets.reshape(-1), None if trained is None else trained[:, 1:].reshape(-1)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
-        losses, _ = self._token_losses(batch)
-        loss = losses.mean()
+    def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        losses, _, trained = self._token_losses(batch)
+        # A batch whose conversations have no target left (all cut off) gives 0, not 0/0.
+        loss = losses.mean() if trained is None else (losses * trained).sum() / trained.sum().clamp(min=1)
         # A device sync each step: the price of stopping or skipping a bad batch before it reaches the weights.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._nonfinite_loss(loss)
@@ -241,8 +252,10 @@ class LanguageModel(L.LightningModule):
             logger.log_metrics({"train/skipped_batches": float(self.skipped_batches)}, step=self.global_step)
         return None
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        losses, targets = self._token_losses(batch)
+    def validation_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        losses, targets, trained = self._token_losses(batch)
+        if trained is not None:  # conversations: the assistant's tokens only
+            losses, targets = losses[trained], targets[trained]
         self.val_nats.update(losses.sum())
         self.val_tokens.update(losses.numel())
         self.val_bytes.update(self.token_bytes[targets].sum())

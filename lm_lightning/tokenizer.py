@@ -34,7 +34,11 @@ EOT = "<|endoftext|>"
 END_OF_TEXT = (EOT, "</s>", "<|end_of_text|>", "<eos>")
 """End-of-text tokens of the families we load (ours, GPT-2 and Qwen; Llama 2; Llama 3; Gemma), in order of preference."""
 
-SPECIAL_TOKENS = [EOT]
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+"""The role markers of the default chat template (ChatML): every tokenizer we train has them, so any model of ours
+can be fine-tuned on conversations and talked to."""
+
+SPECIAL_TOKENS = [EOT, IM_START, IM_END]
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 # GPT-2's split into words, numbers, punctuation and whitespace, with one change: runs of CJK

@@ -37,7 +37,7 @@ def test_bytes_only_vocabulary_round_trips():
 
 
 def test_vocab_size_below_bytes_is_rejected():
-    with pytest.raises(ValueError, match="at least 257"):
+    with pytest.raises(ValueError, match="at least 259"):
         train_tokenizer(["abc"], vocab_size=100)
 
 

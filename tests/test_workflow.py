@@ -180,7 +180,7 @@ def test_test_split_is_carved_before_validation_and_old_caches_stay_valid(corpus
     assert (cache(0.0).folder / "meta.json").stat().st_mtime_ns == mtime  # still valid: not rebuilt
     with_test = cache(0.1).build()
     assert with_test["test_fraction"] == 0.1 and with_test["test_tokens"] > 0
-    _, _, splits = cache(0.1).open()
+    _, _, splits, _ = cache(0.1).open()
     assert set(splits) == {"train", "val", "test"}
     # Validation text stays the end of the source; the test split comes just before it.
     assert with_test["val_tokens"] == with_test["test_tokens"]  # one source: both are round(0.1 * its tokens)

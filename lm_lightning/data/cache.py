@@ -23,12 +23,24 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from lm_lightning.chat_template import ChatError, ChatTemplate, span_mask, training_template
 from lm_lightning.checkpoint import tokenizer_of
-from lm_lightning.data.corpus import READ_BLOCK, BUILTIN_CORPUS, DataError, Source, iter_documents, iter_sample, resolve_sources
+from lm_lightning.data.corpus import (
+    BUILTIN_CORPUS,
+    READ_BLOCK,
+    Conversation,
+    DataError,
+    Source,
+    is_conversation_corpus,
+    iter_documents,
+    iter_sample,
+    mixed_corpus_error,
+    resolve_sources,
+)
 from lm_lightning.files import WriteError, atomic_write_text, file_lock, remove_stale_temporaries, temporary_path
 from lm_lightning.tokenizer import begin_of_text, continuation_tokenizer, end_of_text, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 SPLITS = ("train", "val")
 TEST = "test"  # a third split, only in caches built with test_fraction > 0
 
@@ -50,22 +62,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def shard_path(folder: Path, split: str, index: int) -> Path:
-    return folder / f"{split}-{index:05d}.bin"
+MASK, STARTS = ".mask", ".starts"
+"""Beside a conversation corpus's token shards (``.bin``): per token, whether it is a training target (uint8), and
+where each conversation starts in its split (int64)."""
+
+
+def shard_path(folder: Path, split: str, index: int, suffix: str = ".bin") -> Path:
+    return folder / f"{split}-{index:05d}{suffix}"
 
 
 class ShardWriter:
     """Appends a split's tokens to shard files of at most ``shard_tokens`` tokens each, under temporary
     names until ``commit`` renames them all into place."""
 
-    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype):
-        self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
+    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype, suffix: str = ".bin"):
+        self.folder, self.split, self.shard_tokens, self.dtype, self.suffix = folder, split, shard_tokens, dtype, suffix
         self.sizes: list[int] = []
         self._file = None
-        remove_stale_temporaries(folder / f"{split}-*.bin")  # of a build that was killed
+        remove_stale_temporaries(folder / f"{split}-*{suffix}")  # of a build that was killed
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
 
     def _temporary(self, index: int) -> Path:
-        return temporary_path(shard_path(self.folder, self.split, index))
+        return temporary_path(shard_path(self.folder, self.split, index, self.suffix))
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
@@ -97,10 +118,10 @@ class ShardWriter:
 
     def commit(self) -> list[int]:
         """Rename the (closed) shards into place, delete those of a previous, longer build; return their sizes."""
-        paths = [shard_path(self.folder, self.split, index) for index in range(len(self.sizes))]
+        paths = [shard_path(self.folder, self.split, index, self.suffix) for index in range(len(self.sizes))]
         for index, path in enumerate(paths):
             os.replace(self._temporary(index), path)
-        for old in set(self.folder.glob(f"{self.split}-*.bin")) - set(paths):
+        for old in set(self.folder.glob(f"{self.split}-*{self.suffix}")) - set(paths):
             old.unlink()
         return self.sizes
 
@@ -133,6 +154,8 @@ def iter_document_ids(
     # A sentencepiece-style tokenizer puts "▁" before every text it encodes: only a document's first piece gets it.
     continuation = continuation_tokenizer(tokenizer)
     for doc in iter_documents(source, jsonl_field):
+        if isinstance(doc, Conversation):
+            raise mixed_corpus_error(doc.where, conversations=False)
         if bos is not None:
             yield np.asarray([bos], dtype=dtype)
         first = True
@@ -147,8 +170,58 @@ def iter_document_ids(
         yield np.asarray([eot], dtype=dtype)
 
 
+def iter_conversation_ids(
+    source: Source, jsonl_field: str, tokenizer: Tokenizer, template: ChatTemplate, dtype: np.dtype, seen: Callable[[str], None]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The token ids of each conversation of ``source`` rendered with ``template``, and per token whether it is a
+    training target (the assistant's: 1) or context (0). ``seen`` is called with each rendered conversation."""
+
+    def rendered() -> Iterator[tuple[str, list[tuple[int, int]]]]:
+        for doc in iter_documents(source, jsonl_field):
+            if not isinstance(doc, Conversation):
+                raise mixed_corpus_error(source.path, conversations=True)
+            try:
+                text, spans = template.render_with_spans(doc.messages)
+            except ChatError as e:
+                raise ChatError(f"{doc.where}: {e}") from None
+            seen(text)
+            yield text, spans
+
+    for batch in iter_batches(rendered(), _ENCODE_BATCH):
+        encodings = tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
+        for (_, spans), encoding in zip(batch, encodings):
+            yield np.asarray(encoding.ids, dtype=dtype), np.asarray(span_mask(encoding.offsets, spans), dtype=np.uint8)
+
+
+def _split_conversations(
+    starts: list[int], n: int, n_val: int, n_test: int, tokens, masks, writers: dict, mask_writers: dict, start_writers: dict
+) -> None:
+    """Copy one source's conversations (``n`` tokens from the scratch files ``tokens`` and ``masks``) into the splits,
+    each split starting at the first conversation that begins at or after its share of tokens: no conversation is cut."""
+    bounds = np.asarray([*starts, n], dtype=np.int64)
+
+    def boundary(at: int) -> int:
+        return int(bounds[np.searchsorted(bounds, at)])
+
+    test_at, val_at = boundary(n - n_val - n_test), boundary(n - n_val)
+    for split, begin, end in (("train", 0, test_at), (TEST, test_at, val_at), ("val", val_at, n)):
+        if split not in writers:
+            continue
+        inside = bounds[:-1][(bounds[:-1] >= begin) & (bounds[:-1] < end)]
+        start_writers[split].write(inside - begin + writers[split].total)
+        writers[split].copy_from(tokens, end - begin)
+        mask_writers[split].copy_from(masks, end - begin)
+
+
 def tokenize_corpus(
-    sources, jsonl_field, tokenizer, val_fraction, folder: Path, shard_tokens: int, test_fraction: float = 0.0
+    sources,
+    jsonl_field,
+    tokenizer,
+    val_fraction,
+    folder: Path,
+    shard_tokens: int,
+    test_fraction: float = 0.0,
+    template: ChatTemplate | None = None,
 ) -> dict:
     """Tokenize every source into the shard files of ``folder``; return the meta that describes them.
 
@@ -156,12 +229,24 @@ def tokenize_corpus(
     beginning-of-text token, if it adds one), and its last ``val_fraction`` of tokens goes to validation,
     so the split is deterministic and never overlaps training; with ``test_fraction``, the
     ``test_fraction`` of tokens before them goes to the test split.
+
+    With ``template``, the corpus is conversations: each is rendered with it and tokenized as a whole, a mask
+    beside the tokens marks the assistant's, the splits are cut between conversations, and each split lists
+    where its conversations start.
     """
     eot = end_of_text(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     remove_stale_temporaries(folder / "source")
-    scratch_path = temporary_path(folder / "source")
-    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in split_names(test_fraction)}
+    remove_stale_temporaries(folder / "source.mask")
+    scratch_path, mask_path = temporary_path(folder / "source"), temporary_path(folder / "source.mask")
+    splits = split_names(test_fraction)
+    writers = {split: ShardWriter(folder, split, shard_tokens, dtype) for split in splits}
+    if template is not None:
+        mask_writers = {split: ShardWriter(folder, split, shard_tokens, np.dtype(np.uint8), MASK) for split in splits}
+        start_writers = {split: ShardWriter(folder, split, shard_tokens, np.dtype(np.int64), STARTS) for split in splits}
+        every_writer = [*writers.values(), *mask_writers.values(), *start_writers.values()]
+    else:
+        every_writer = list(writers.values())
     corpus_hash = hashlib.sha256()
     has_text = False
     total_bytes = sum(s.size for s in sources)
@@ -176,6 +261,18 @@ def tokenize_corpus(
 
     try:
         for source in sources:
+            if template is not None:
+                n, starts = 0, []
+                with open(scratch_path, "wb") as scratch, open(mask_path, "wb") as masks:
+                    for ids, mask in iter_conversation_ids(source, jsonl_field, tokenizer, template, dtype, seen):
+                        starts.append(n)
+                        ids.tofile(scratch)
+                        mask.tofile(masks)
+                        n += len(ids)
+                n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
+                with open(scratch_path, "rb") as scratch, open(mask_path, "rb") as masks:
+                    _split_conversations(starts, n, n_val, n_test, scratch, masks, writers, mask_writers, start_writers)
+                continue
             # A source's tokens go to a scratch file first: the split point is known only at its end.
             n = 0
             with open(scratch_path, "wb") as scratch:
@@ -190,13 +287,20 @@ def tokenize_corpus(
                 writers["val"].copy_from(scratch, n_val)
             if n_val or n_test:  # the training part stops mid-document: close it, so the next source starts clean
                 writers["train"].write(np.asarray([eot], dtype=dtype))
-        for writer in writers.values():
+        for writer in every_writer:
             writer.close()
         (folder / "meta.json").unlink(missing_ok=True)  # from here until the new meta lands, the cache reads as absent
         shards = {split: writer.commit() for split, writer in writers.items()}
+        conversations = {}
+        if template is not None:
+            for split in splits:
+                mask_writers[split].commit()
+                conversations[f"{split}_conversations"] = sum(start_writers[split].commit())
+                conversations[f"{split}_start_shards"] = start_writers[split].sizes
         return {
             **{f"{split}_tokens": sum(sizes) for split, sizes in shards.items()},
             **{f"{split}_shards": sizes for split, sizes in shards.items()},
+            **conversations,
             "dtype": dtype.name,
             "corpus_sha256": corpus_hash.hexdigest(),
             "has_text": has_text,
@@ -207,9 +311,10 @@ def tokenize_corpus(
         raise WriteError(f"cannot build the token cache in {folder}: {why}; the previous cache is intact") from e
     finally:
         progress.close()
-        for writer in writers.values():
+        for writer in every_writer:
             writer.discard()
         scratch_path.unlink(missing_ok=True)
+        mask_path.unlink(missing_ok=True)
 
 
 def _map_tokens(path: str, n: int, dtype: str, random_access: bool) -> np.ndarray:
@@ -287,6 +392,18 @@ class TokenShards:
 
 
 @dataclass(frozen=True)
+class Conversations:
+    """One split of a conversation corpus, beside its tokens: which tokens are training targets, and where each
+    conversation starts (``starts[i]`` to ``starts[i + 1]``; the split's end is the last entry)."""
+
+    mask: TokenShards
+    starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+
+@dataclass(frozen=True)
 class TokenCache:
     """The token cache of one corpus under one tokenizer: where it lives, whether it is valid, how it is built.
 
@@ -326,13 +443,14 @@ class TokenCache:
         """The corpus, as error messages name it."""
         return "the built-in corpus" if self.path is None else f"data.path {self.path!r}"
 
-    def _expected_meta(self, sources: list[Source], tokenizer: Tokenizer) -> dict:
+    def _expected_meta(self, sources: list[Source], tokenizer: Tokenizer, template: ChatTemplate | None) -> dict:
         builtin = {"python": sys.version.split()[0]} if self.path is None else {}
         return {
             "format": CACHE_FORMAT,
             "sources": [s.fingerprint for s in sources],
             "jsonl_field": self.jsonl_field,
             "tokenizer": tokenizer_hash(tokenizer),
+            "chat_template": template.source if template is not None else None,
             **self._split_settings,
             **builtin,
         }
@@ -365,10 +483,17 @@ class TokenCache:
             sizes = meta.get(f"{split}_shards")
             if not isinstance(sizes, list) or sum(sizes) != meta.get(f"{split}_tokens"):
                 return False
-            for index, n in enumerate(sizes):
-                path = shard_path(self.folder, split, index)
-                if not path.is_file() or path.stat().st_size != n * itemsize:
+            streams = [(".bin", sizes, itemsize)]
+            if meta.get("chat_template") is not None:
+                starts = meta.get(f"{split}_start_shards")
+                if not isinstance(starts, list) or sum(starts) != meta.get(f"{split}_conversations"):
                     return False
+                streams += [(MASK, sizes, 1), (STARTS, starts, 8)]
+            for suffix, stream_sizes, size in streams:
+                for index, n in enumerate(stream_sizes):
+                    path = shard_path(self.folder, split, index, suffix)
+                    if not path.is_file() or path.stat().st_size != n * size:
+                        return False
         return True
 
     def _contents_consistent(self, meta: dict, tokenizer: Tokenizer) -> bool:
@@ -389,7 +514,9 @@ class TokenCache:
         sources = resolve_sources(self.path)
         with file_lock(self.folder / ".lock"):  # one builder at a time when two runs start at once
             tokenizer = self._tokenizer(sources)
-            expected = self._expected_meta(sources, tokenizer)
+            conversations = is_conversation_corpus(sources, self.jsonl_field)
+            template = training_template(self.tokenizer_path, tokenizer) if conversations else None
+            expected = self._expected_meta(sources, tokenizer, template)
             meta = _read_json(self.folder / "meta.json")
             stale = meta is None or {k: meta.get(k) for k in expected} != expected
             # A cache built with a test split, asked for none: expected_meta has no test_fraction key to compare.
@@ -400,14 +527,16 @@ class TokenCache:
                 or not self._contents_consistent(meta, tokenizer)
             ):
                 built = tokenize_corpus(
-                    sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder, self.shard_tokens, self.test_fraction
+                    sources, self.jsonl_field, tokenizer, self.val_fraction, self.folder, self.shard_tokens,
+                    self.test_fraction, template,
                 )
                 meta = {**expected, **built, "tokenizer_json": tokenizer.to_str()}
                 atomic_write_text(self.folder / "meta.json", json.dumps(meta), "token cache metadata")
         return meta
 
-    def open(self) -> tuple[dict, Tokenizer, dict[str, TokenShards]]:
-        """The meta, tokenizer and token splits of the cache that ``build`` made."""
+    def open(self) -> tuple[dict, Tokenizer, dict[str, TokenShards], dict[str, Conversations]]:
+        """The meta, tokenizer and token splits of the cache that ``build`` made, and for a conversation corpus
+        each split's :class:`Conversations` (else no entries)."""
         meta = _read_json(self.folder / "meta.json")
         if meta is None or not self._files_whole(meta):
             raise DataError(f"no complete token cache in {self.folder}; run prepare_data() first (the Trainer does)")
@@ -423,12 +552,35 @@ class TokenCache:
             )
             for split in self.splits
         }
-        return meta, tokenizer, splits
+        conversations = {}
+        if meta.get("chat_template") is not None:
+            for split in self.splits:
+                mask = TokenShards.open(
+                    [shard_path(self.folder, split, i, MASK) for i in range(len(meta[f"{split}_shards"]))],
+                    meta[f"{split}_shards"],
+                    "uint8",
+                    random_access=split == "train",
+                )
+                starts = TokenShards.open(
+                    [shard_path(self.folder, split, i, STARTS) for i in range(len(meta[f"{split}_start_shards"]))],
+                    meta[f"{split}_start_shards"],
+                    "int64",
+                )
+                conversations[split] = Conversations(mask, np.append(np.asarray(starts), len(splits[split])))
+        return meta, tokenizer, splits, conversations
 
     def check_long_enough(self, meta: dict, block_size: int) -> None:
-        """Refuse a corpus without text, or with a split shorter than one window."""
+        """Refuse a corpus without text, or with a split shorter than one window (without a conversation)."""
         if not meta["has_text"]:
             raise DataError(f"{self.where} holds no text (empty or whitespace only); point data.path at a non-empty corpus")
+        if meta.get("chat_template") is not None:
+            for split in self.splits:
+                if not meta[f"{split}_conversations"]:
+                    raise DataError(
+                        f"{self.where} is too short: its {split} split has no conversation; use more conversations"
+                        + (f", or a larger data.{split}_fraction" if split != "train" else "")
+                    )
+            return
         need = block_size + 1
         for split in self.splits:
             if meta[f"{split}_tokens"] < need:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm_lightning.chat_template import record_messages
 from lm_lightning.errors import UserError
 
 BUILTIN_CORPUS = "builtin:pydoc_data"
@@ -129,7 +130,16 @@ def _read_pieces(path: str) -> Iterator[str]:
             start = end
 
 
-def _read_jsonl_documents(path: str, field: str) -> Iterator[str]:
+@dataclass(frozen=True)
+class Conversation:
+    """A ``.jsonl`` record that holds ``messages`` (or ``prompt`` and ``completion``): rendered with a chat template."""
+
+    messages: list[dict]
+    where: str
+    """The file and line it came from, for error messages."""
+
+
+def _read_jsonl_documents(path: str, field: str) -> Iterator[str | Conversation]:
     for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
@@ -137,22 +147,48 @@ def _read_jsonl_documents(path: str, field: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix or remove that line") from None
+        where = f"{path} line {lineno}"
+        if isinstance(record, dict) and (messages := record_messages(record, where)) is not None:
+            yield Conversation(messages, where)
+            continue
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise DataError(
-                f"{path} line {lineno} has no string {field!r} field; set data.jsonl_field to the field that holds the text"
+                f"{where} has no string {field!r} field (nor messages, nor prompt and completion); set data.jsonl_field "
+                "to the field that holds the text"
             )
         yield record[field]
 
 
-def iter_documents(source: Source, jsonl_field: str) -> Iterator[Iterable[str]]:
-    """Yield each document of ``source`` as an iterable of text pieces (a text file's lines)."""
+def iter_documents(source: Source, jsonl_field: str) -> Iterator[Iterable[str] | Conversation]:
+    """Yield each document of ``source``: an iterable of text pieces (a text file's lines), or a :class:`Conversation`."""
     if source.path.startswith(BUILTIN_CORPUS):
         yield [dict(_builtin_topics())[source.path.split("/", 1)[1]]]
     elif source.path.lower().removesuffix(".gz").endswith(".jsonl"):
         for doc in _read_jsonl_documents(source.path, jsonl_field):
-            yield [doc]
+            yield doc if isinstance(doc, Conversation) else [doc]
     else:
         yield _read_pieces(source.path)
+
+
+def mixed_corpus_error(where: str, conversations: bool) -> DataError:
+    """The one line that refuses a corpus of conversations and plain text together."""
+    kind, other = ("plain text", "conversations") if conversations else ("a conversation", "plain text")
+    return DataError(
+        f"{where} holds {kind} in a corpus of {other}; train on one kind at a time (put them in separate data.path "
+        "folders), or make the text a conversation"
+    )
+
+
+def is_conversation_corpus(sources: list[Source], jsonl_field: str) -> bool:
+    """Whether the corpus is conversations, as its first document says; a document of the other kind is refused
+    when the corpus is tokenized (:func:`mixed_corpus_error`)."""
+    return isinstance(next(iter_documents(sources[0], jsonl_field), None), Conversation)
+
+
+def _document_text(doc: Iterable[str] | Conversation) -> Iterable[str]:
+    if isinstance(doc, Conversation):
+        return [f"{m['role']}\n{m['content']}\n" for m in doc.messages]
+    return doc
 
 
 def iter_sample(sources: list[Source], jsonl_field: str, max_bytes: int, train_fraction: float) -> Iterator[str]:
@@ -163,7 +199,7 @@ def iter_sample(sources: list[Source], jsonl_field: str, max_bytes: int, train_f
     for source in sources:
         left = min(share, int(source.size * train_fraction))
         for doc in iter_documents(source, jsonl_field):
-            for piece in doc:
+            for piece in _document_text(doc):
                 data = piece.encode("utf-8")
                 if len(data) >= left:
                     yield data[:left].decode("utf-8", errors="ignore")

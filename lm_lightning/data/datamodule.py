@@ -1,5 +1,6 @@
 """``TextDataModule``: text in, token batches out. It builds the token cache once per node
-(``prepare_data``), maps it in every process (``setup``) and serves windows of it."""
+(``prepare_data``), maps it in every process (``setup``) and serves windows of it, or, for a corpus of
+conversations, padded rows of conversations with the tokens to train on marked."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lm_lightning.data.cache import TokenCache, TokenShards
+from lm_lightning.data.cache import Conversations, TokenCache, TokenShards
 from lm_lightning.data.corpus import DataError
-from lm_lightning.data.windows import ResumableLoader, ResumableSampler, TrainWindows, ValWindows
+from lm_lightning.data.windows import (
+    ConversationBatches,
+    ConversationRows,
+    ResumableLoader,
+    ResumableSampler,
+    TrainWindows,
+    ValWindows,
+)
 from lm_lightning.files import cache_root
-from lm_lightning.tokenizer import token_bytes
+from lm_lightning.tokenizer import end_of_text, token_bytes
 
 NO_TEST_SPLIT = (
     "there is no test split: data.test_fraction is 0; set it (e.g. --data.test_fraction 0.05) when training and "
@@ -39,6 +48,7 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 1337,
+        assistant_only_loss: bool = True,
     ):
         """Text in, token batches out.
 
@@ -48,14 +58,17 @@ class TextDataModule(L.LightningDataModule):
             tokenizer_path: A ``tokenizer.json`` to use, a transformers model folder (its tokenizer), or a ``.ckpt``
                 of ours (the tokenizer it holds); set to ``model.init_from`` when that is set. Unset: train a
                 byte-level BPE on the corpus.
-            vocab_size: Size of the tokenizer to train (ignored with ``tokenizer_path``); 257 is bytes only.
+            vocab_size: Size of the tokenizer to train (ignored with ``tokenizer_path``); 259 is bytes only (and the three special tokens).
             block_size: Tokens of context per training window (linked to ``model.block_size``).
             batch_size: Windows per training batch.
             val_fraction: The last fraction of each source's tokens, held out for validation.
             test_fraction: The fraction of each source's tokens before the validation part, held out for
                 ``lm-lightning test``. 0: no test split. Set it for ``fit`` as well, so the test text is never trained on.
             val_batch_size: Windows per validation batch. Unset: ``batch_size``.
-            jsonl_field: The field of each .jsonl record that holds its text.
+            jsonl_field: The field of each .jsonl record that holds its text. A record with ``messages`` (a list of
+                ``{role, content}``, roles system, user, assistant) or with ``prompt`` and ``completion`` is a
+                conversation instead: rendered with the chat template of ``tokenizer_path`` (a model folder's or a
+                checkpoint's), else the default ChatML one. A corpus is all conversations or all text.
             tokenizer_sample_bytes: Bytes of the corpus the tokenizer is trained on (shared equally between
                 files, from their training parts only); the whole corpus is tokenized with it.
             shard_tokens: Tokens per file of the token cache (200 MB at the default and a vocabulary of
@@ -65,6 +78,8 @@ class TextDataModule(L.LightningDataModule):
                 ``~/.cache/lm_lightning``.
             num_workers: DataLoader worker processes (0 reads in the training process).
             seed: Seed of the random training windows.
+            assistant_only_loss: For conversations: train on the assistant's tokens only (the rest is context);
+                false trains on every token of them. Validation scores the assistant's tokens either way.
         """
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -89,6 +104,7 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.meta: dict = {}
         self.tokens: dict[str, TokenShards] = {}
+        self.conversations: dict[str, Conversations] = {}
 
     @property
     def path(self) -> str | None:
@@ -104,8 +120,21 @@ class TextDataModule(L.LightningDataModule):
         self.cache.check_long_enough(self.cache.build(), self.hparams.block_size)
 
     def setup(self, stage: str | None = None) -> None:
-        self.meta, self.tokenizer, self.tokens = self.cache.open()
+        self.meta, self.tokenizer, self.tokens, self.conversations = self.cache.open()
         self.cache.check_long_enough(self.meta, self.hparams.block_size)
+        for split, conversations in self.conversations.items():
+            lengths = conversations.starts[1:] - conversations.starts[:-1]
+            if cut := int((lengths > self.hparams.block_size + 1).sum()):
+                rank_zero_warn(
+                    f"{cut} of the {len(lengths)} {split} conversations are longer than block_size + 1 = "
+                    f"{self.hparams.block_size + 1} tokens (the longest: {int(lengths.max())}); each is cut there, its "
+                    "tail neither trained on nor scored: raise model.block_size to keep them whole"
+                )
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template a conversation corpus was rendered with (the model is saved with it); ``None`` for text."""
+        return self.meta.get("chat_template")
 
     @property
     def tokenizer_vocab_size(self) -> int:
@@ -131,12 +160,19 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         rank, _ = self._rank_world()
         tokens = self.tokens["train"]
-        dataset = TrainWindows(tokens, hp.block_size, hp.batch_size, hp.seed, rank)
+        if "train" in self.conversations:
+            conversations = self.conversations["train"]
+            dataset = ConversationBatches(
+                tokens, conversations, hp.block_size, hp.batch_size, hp.seed, end_of_text(self.tokenizer), rank,
+                all_targets=not hp.assistant_only_loss,
+            )
+            epoch_batches = max(1, len(conversations) // hp.batch_size)  # an epoch draws as many rows as there are conversations
+        else:
+            dataset = TrainWindows(tokens, hp.block_size, hp.batch_size, hp.seed, rank)
+            epoch_batches = max(1, len(tokens) // (hp.batch_size * hp.block_size))  # as many windows as the split has tokens
         trainer = self.trainer
         step_based = trainer is not None and trainer.max_steps > 0
         # Step-based: one endless "epoch", batches keyed by their index in the run (see ResumableSampler).
-        # Otherwise an epoch draws as many windows as the split has tokens.
-        epoch_batches = max(1, len(tokens) // (hp.batch_size * hp.block_size))
         sampler = ResumableSampler(None if step_based else epoch_batches, epoch=trainer.current_epoch if trainer is not None else 0)
 
         def consumed() -> int:
@@ -151,8 +187,13 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self, split: str = "val") -> DataLoader:
         rank, world = self._rank_world()
-        dataset = ValWindows(self.tokens[split], self.hparams.block_size, rank, world)
         batch_size = self.hparams.val_batch_size or self.hparams.batch_size
+        if split in self.conversations:
+            rows = ConversationRows(
+                self.tokens[split], self.conversations[split], self.hparams.block_size, end_of_text(self.tokenizer), rank, world
+            )
+            return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=rows.collate, **self._loader_kwargs())
+        dataset = ValWindows(self.tokens[split], self.hparams.block_size, rank, world)
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:

@@ -1,5 +1,6 @@
 """Windows of tokens: random training batches that a resumed run draws exactly as an uninterrupted
-run would, the loader Lightning checkpoints for that, and the validation windows that cover a split once."""
+run would, the loader Lightning checkpoints for that, and the validation windows that cover a split once.
+A conversation corpus is read a conversation per row instead, padded (see :class:`ConversationBatches`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lm_lightning.data.cache import TokenShards
+from lm_lightning.data.cache import Conversations, TokenShards
 
 
 class TrainWindows(Dataset):
@@ -115,3 +116,63 @@ class ValWindows(Dataset):
         start = self.windows[i] * self.block_size
         return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
 
+
+
+def conversation_rows(
+    tokens: TokenShards, conversations: Conversations, indices, max_length: int, pad_id: int, all_targets: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conversations ``indices``, one per row, cut to ``max_length`` tokens and padded after their end with ``pad_id``
+    to the longest row: ``(ids, targets)``, ``targets`` true where a token is trained on (the assistant's; every
+    token of the conversation with ``all_targets``), false on padding. A row starts at position 0, as a conversation
+    does when the model is talked to, and no row attends to another's tokens."""
+    starts, ends = conversations.starts[indices], conversations.starts[np.asarray(indices) + 1]
+    lengths = np.minimum(ends - starts, max_length)
+    ids = np.full((len(starts), int(lengths.max())), pad_id, dtype=np.int64)
+    targets = np.zeros(ids.shape, dtype=bool)
+    for row, (start, length) in enumerate(zip(starts, lengths)):
+        ids[row, :length] = tokens[int(start) : int(start + length)]
+        targets[row, :length] = True if all_targets else conversations.mask[int(start) : int(start + length)]
+    return torch.from_numpy(ids), torch.from_numpy(targets)
+
+
+class ConversationBatches(Dataset):
+    """Random batches of ``batch_size`` conversations, each cut to ``block_size + 1`` tokens, padded to the
+    batch's longest (padding, not packing: rows start at position 0 and never attend to another conversation).
+    Batch ``(epoch, i)`` is a pure function of ``(seed, rank, epoch, i)``, as :class:`TrainWindows`'."""
+
+    def __init__(
+        self, tokens: TokenShards, conversations: Conversations, block_size: int, batch_size: int, seed: int,
+        pad_id: int, rank: int = 0, all_targets: bool = False,
+    ):
+        self.tokens, self.conversations = tokens, conversations
+        self.block_size, self.batch_size, self.seed, self.rank = block_size, batch_size, seed, rank
+        self.pad_id, self.all_targets = pad_id, all_targets
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, self.rank, epoch, i])
+        indices = rng.integers(0, len(self.conversations), size=self.batch_size)
+        return conversation_rows(
+            self.tokens, self.conversations, indices, self.block_size + 1, self.pad_id, self.all_targets
+        )
+
+
+class ConversationRows(Dataset):
+    """Every conversation of a split once, a row each (this rank's share: ``rank, rank + world_size, ...``), cut to
+    ``block_size + 1`` tokens; :meth:`collate` pads a batch of them. Scored on the assistant's tokens only."""
+
+    def __init__(
+        self, tokens: TokenShards, conversations: Conversations, block_size: int, pad_id: int,
+        rank: int = 0, world_size: int = 1,
+    ):
+        self.tokens, self.conversations, self.block_size, self.pad_id = tokens, conversations, block_size, pad_id
+        self.indices = range(rank, len(conversations), world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> int:
+        return self.indices[i]
+
+    def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return conversation_rows(self.tokens, self.conversations, indices, self.block_size + 1, self.pad_id)
