@@ -4,14 +4,15 @@
     python benchmarks/sft.py --sft_steps 600 --held_out 100
 
 The task, written by the benchmark itself: a system turn states three facts ("Ana has 482. Bo has 193. Cy has
-556."), the user asks for one of them ("What does Bo have?"), the assistant answers with the number alone ("193").
+556."), the user asks for one of them ("What does Bo have?"), the assistant answers with that fact ("Bo has 193.").
 Names and numbers are drawn at random, so the held-out conversations (their own facts) can only be answered by
 reading the system turn. A base model of ours is first trained from scratch on the built-in corpus (plain text:
 it has never seen a conversation), then fine-tuned on the training conversations with ``lm-lightning fit
 --model.init_from base.ckpt``, twice: with the loss on the assistant's tokens only (the default) and on every
 token (``--data.assistant_only_loss false``). Each model answers every held-out question greedily through
 ``lm-lightning chat``'s own code (``commands.answer_pieces``: the chat template, the end-of-turn stop);
-exact match of the answer. Prints a table and JSON.
+exact match of the answer. Also the share of a batch's positions that are padding (what packing would save).
+Prints a table and JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def conversation(rng: random.Random, n_facts: int) -> list[dict]:
     return [
         {"role": "system", "content": facts},
         {"role": "user", "content": f"What does {names[asked]} have?"},
-        {"role": "assistant", "content": numbers[asked]},
+        {"role": "assistant", "content": f"{names[asked]} has {numbers[asked]}."},
     ]
 
 
@@ -75,6 +76,19 @@ def exact_match(ckpt: Path, held_out: list[list[dict]]) -> tuple[float, list[str
     return sum(a == c[-1]["content"] for a, c in zip(answers, held_out)) / len(held_out), answers[:3]
 
 
+def padding_share(cache: Path, batch_size: int, block_size: int) -> float:
+    """The share of the positions a fine-tuning batch computes that are padding, over 500 batches drawn as
+    ``ConversationBatches`` draws them: what packing the conversations would save."""
+    import numpy as np
+
+    (meta_path,) = [p for p in cache.glob("*/meta.json") if json.loads(p.read_text()).get("chat_template")]
+    meta = json.loads(meta_path.read_text())
+    starts = np.concatenate([np.fromfile(p, dtype=np.int64) for p in sorted(meta_path.parent.glob("train-*.starts"))])
+    lengths = np.minimum(np.diff(np.append(starts, meta["train_tokens"])), block_size + 1)
+    rows = np.random.default_rng(0).integers(0, len(lengths), size=(500, batch_size))
+    return float(1 - lengths[rows].sum() / (lengths[rows].max(axis=1) * batch_size).sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=4000, help="training conversations")
@@ -82,6 +96,8 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=3, help="facts per system turn")
     parser.add_argument("--base_steps", type=int, default=300, help="steps of the base model on the built-in corpus")
     parser.add_argument("--sft_steps", type=int, default=800, help="fine-tuning steps on the conversations")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak fine-tuning learning rate")
+    parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder); a base already there is reused")
     a = parser.parse_args()
     shape = ["--model.n_layer", "4", "--model.n_head", "4", "--model.n_embd", "128", "--model.block_size", "128"]
     rng = random.Random(0)
@@ -89,27 +105,33 @@ def main() -> None:
     held_out = [conversation(rng, a.facts) for _ in range(a.held_out)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = Path(a.workdir or tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         write_jsonl(tmp / "train.jsonl", train)
-        base, seconds = fit("default.yaml", [*shape, "--trainer.max_steps", str(a.base_steps), "--trainer.val_check_interval", str(a.base_steps),
-                             "--data.batch_size", "16"], tmp, "base")
+        if a.workdir and list((tmp / "base").glob("**/last.ckpt")):
+            base, seconds = next((tmp / "base").glob("**/last.ckpt")), 0.0
+        else:
+            base, seconds = fit("default.yaml", [*shape, "--trainer.max_steps", str(a.base_steps), "--trainer.val_check_interval",
+                                 str(a.base_steps), "--data.batch_size", "16"], tmp, "base")
         accuracy, examples = exact_match(base, held_out)
         rows.append({"model": "base (built-in corpus, no conversations)", "exact_match": accuracy, "fit_s": seconds, "examples": examples})
         print(rows[-1], file=sys.stderr, flush=True)
         sft = ["--model.init_from", str(base), "--data.path", str(tmp / "train.jsonl"), "--trainer.max_steps", str(a.sft_steps),
-               "--trainer.val_check_interval", str(a.sft_steps), "--data.batch_size", "32", "--model.learning_rate", "1e-3",
+               "--trainer.val_check_interval", str(a.sft_steps), "--data.batch_size", "32", "--model.learning_rate", str(a.lr),
                "--model.warmup_steps", "50", "--data.val_fraction", "0.05",
                "--early_stopping.patience", "1000", "--model.weight_decay", "0.1"]
         for name, extra in (("fine-tuned, loss on assistant tokens", []), ("fine-tuned, loss on every token", ["--data.assistant_only_loss", "false"])):
-            ckpt, seconds = fit("finetune.yaml", [*sft, *extra], tmp, name.split()[-2])
+            ckpt, seconds = fit("finetune.yaml", [*sft, *extra], tmp, f"{name.split()[-2]}-{time.time_ns()}")
             accuracy, examples = exact_match(ckpt, held_out)
             rows.append({"model": name, "exact_match": accuracy, "fit_s": seconds, "examples": examples})
             print(rows[-1], file=sys.stderr, flush=True)
+        padding = padding_share(tmp / "cache", 32, 128)
     print(f"{a.train} training conversations, {a.held_out} held out, {a.facts} facts each; base {a.base_steps} steps, "
           f"fine-tuning {a.sft_steps} steps (4 layers x 128, block 128)")
     print(f"{'model':45} {'exact match':>12} {'fit s':>7}")
     for row in rows:
         print(f"{row['model']:45} {row['exact_match']:12.1%} {row['fit_s']:7.0f}")
+    print(f"padding: {padding:.1%} of the positions of a fine-tuning batch (32 conversations, padded to the longest)")
     print(json.dumps(rows))
 
 

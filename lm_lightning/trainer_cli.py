@@ -83,7 +83,7 @@ class LMCLI(LightningCLI):
             tags = adopt_checkpoint(config, self._subcommand_parsers[subcommand].get_defaults())
         if config.model.get("init_from"):  # before a resumed checkpoint's shape is checked against the config
             apply_init_from(config)  # the model's shape and tokenizer come from the source
-        resolve_ckpt_path(config, subcommand)
+        self._resume_lock = resolve_ckpt_path(config, subcommand)
         name_run(config, subcommand, tags)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -96,6 +96,9 @@ class LMCLI(LightningCLI):
             if logger is not None and logger._initialized and not logger.resumed and self.trainer.global_step == 0:
                 logger.experiment.delete_run(logger.run_id)
             raise
+        finally:
+            if getattr(self, "_resume_lock", None) is not None:
+                self._resume_lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.block_size", "data.block_size")

@@ -157,3 +157,51 @@ def test_a_refused_resume_leaves_the_run_as_it_was(corpus, tiny_config, mlflow_s
     after = only_run(client, "lm_lightning")
     assert after.info.status == before.info.status == "FINISHED"
     assert "error" not in after.data.tags
+
+
+@pytest.mark.parametrize("where", ["directory", "missing-folder"])
+def test_a_tracking_database_path_that_cannot_be_one_is_one_line(corpus, tiny_config, tmp_path, monkeypatch, where):
+    path = tmp_path / ("store.db" if where == "directory" else "no/such/folder/mlflow.db")
+    if where == "directory":
+        path.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    start = time.monotonic()
+    result = run_cli("fit", "--config", str(tiny_config), "--data.path", str(corpus))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert time.monotonic() - start < 60  # no minutes of retries
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the {'tracking database' if where == 'directory' else 'folder of the tracking database'} {path}")
+    assert "Traceback" not in result.stderr
+
+
+def test_resuming_a_deleted_run_logs_to_a_new_one_and_a_second_resume_at_once_is_refused(corpus, tiny_config, mlflow_store, capsys):
+    from conftest import run_main
+    from lm_lightning.tracking.runs import hold_resume_lock
+
+    args = ["fit", "--config", str(tiny_config), "--data.path", str(corpus), "--samples.prompts", "[]"]
+    assert run_main(*args, "--trainer.max_steps", "5") == 0
+    client = MlflowClient(mlflow_store)
+    first = only_run(client, "lm_lightning")
+    client.delete_run(first.info.run_id)  # as the UI's delete does: the run is kept until garbage-collected
+    with pytest.warns(UserWarning, match=f"run {first.info.run_id} .* was deleted; logging to a new run"):
+        assert run_main(*args, "--trainer.max_steps", "8", "--ckpt_path", "last") == 0
+    (second,) = client.search_runs([first.info.experiment_id])
+    assert second.info.run_id != first.info.run_id and second.data.metrics["val/loss"] > 0
+    assert client.get_run(first.info.run_id).info.lifecycle_stage == "deleted"
+
+    (last,) = Path("runs").glob(f"*/{second.info.run_id}/checkpoints/last.ckpt")
+    logged = metric_history(client, second.info.run_id, "val/loss")
+    holder = subprocess.Popen(  # another process continuing the run
+        [sys.executable, "-c", f"from lm_lightning.tracking.runs import hold_resume_lock; lock = hold_resume_lock({str(last)!r}); "
+         "print('held', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_main(*args, "--trainer.max_steps", "12", "--ckpt_path", "last") == 2
+        assert "another process is continuing the run of" in capsys.readouterr().err.strip().splitlines()[-1]
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_resume_lock(str(last)).release()  # free again once the other process is gone
+    assert metric_history(client, second.info.run_id, "val/loss") == logged  # the refused resume logged nothing

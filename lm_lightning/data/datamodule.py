@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lm_lightning.chat_template import load_chat_template
 from lm_lightning.data.cache import Conversations, TokenCache, TokenShards
 from lm_lightning.data.corpus import DataError
 from lm_lightning.data.windows import (
@@ -133,8 +134,15 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def chat_template(self) -> str | None:
-        """The chat template a conversation corpus was rendered with (the model is saved with it); ``None`` for text."""
-        return self.meta.get("chat_template")
+        """The chat template the model is saved with: the one a conversation corpus was rendered with, else that of
+        ``tokenizer_path`` (a chat model fine-tuned on plain text still chats); ``None`` if neither has one."""
+        if self.meta.get("chat_template") is not None:
+            return self.meta["chat_template"]
+        path = self.hparams.tokenizer_path
+        if path and (os.path.isdir(path) or path.endswith(".ckpt")):
+            template = load_chat_template(path, required=False)
+            return template.source if template is not None else None
+        return None
 
     @property
     def tokenizer_vocab_size(self) -> int:

@@ -11,12 +11,18 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lm_lightning.checkpoint import LAST, RUN_ID_KEY, check_shape, load_checkpoint
+from lm_lightning.errors import UserError
 from lm_lightning.tracking.store import check_store, mlflow_client, resolve_tracking_uri
+
+RESUME_LOCK = ".resume.lock"
+"""Held, in a checkpoint's folder, by the process that continues its run: a second one is refused."""
+
 
 def _mlflow_logger_args(logger_config: Any) -> Namespace | None:
     """The ``init_args`` of the configured logger if it is an MLflow logger, else ``None``."""
@@ -52,16 +58,35 @@ def find_last_checkpoint(config: Namespace, logger_args: Namespace | None) -> Pa
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
 
-def resolve_ckpt_path(config: Namespace, subcommand: str) -> None:
+def hold_resume_lock(ckpt_path: str) -> FileLock | None:
+    """Lock the folder of ``ckpt_path`` for the fit that continues from it, or refuse in one line if another process
+    holds it: two resumes of one run at once would log the same steps twice. Released by ``release()``, or when the
+    process ends however it ends (an ``flock``). Rank 0 holds it: the other processes of a distributed fit parse
+    the same command line."""
+    if rank_zero_only.rank != 0:
+        return None
+    lock = FileLock(Path(ckpt_path).parent / RESUME_LOCK, is_singleton=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(
+            f"another process is continuing the run of {ckpt_path} (it holds {lock.lock_file}); wait for it to end, "
+            "or stop it, before resuming the run again"
+        ) from None
+    return lock
+
+
+def resolve_ckpt_path(config: Namespace, subcommand: str) -> FileLock | None:
     """Turn ``config.ckpt_path`` into a checkpoint file and, when fitting, point the MLflow logger at its run.
 
     Reads the checkpoint once (memory-mapped, ``weights_only``) before anything is built, so a missing,
     truncated or unsafe checkpoint, or one of another model shape, is refused at once and no run is touched.
-    If the checkpoint's run is not in this tracking store (a checkpoint copied from elsewhere), training
-    continues from it in a new run.
+    If the checkpoint's run is not in this tracking store (a checkpoint copied from elsewhere), or was deleted,
+    training continues from it in a new run. A fit that continues a run holds :func:`hold_resume_lock`, returned
+    for the caller to release when the fit ends.
     """
     if config.ckpt_path is None:
-        return
+        return None
     logger_args = _mlflow_logger_args(config.trainer.logger)
     if config.ckpt_path == "last":
         if logger_args is None and not config.last_checkpoint.dirpath:
@@ -71,19 +96,29 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> None:
             where = config.last_checkpoint.dirpath or f"experiment {logger_args.experiment_name!r}"
             rank_zero_warn(f"--ckpt_path last: no {LAST} found for {where}; starting from scratch")
             config.ckpt_path = None
-            return
+            return None
         config.ckpt_path = str(found)
     checkpoint = load_checkpoint(config.ckpt_path, mmap=True)
     check_shape(checkpoint.get("hyper_parameters", {}), config.model.as_dict())  # before any run is touched
+    if subcommand != "fit":
+        return None
+    lock = hold_resume_lock(config.ckpt_path)
     run_id = checkpoint.get(RUN_ID_KEY)
-    if subcommand != "fit" or logger_args is None or logger_args.run_id or not run_id:
-        return
+    if logger_args is None or logger_args.run_id or not run_id:
+        return lock
     from mlflow.exceptions import MlflowException
 
     try:
-        _client(logger_args).get_run(run_id)
+        run = _client(logger_args).get_run(run_id)
     except MlflowException:
         rank_zero_warn(f"the MLflow run {run_id} of {config.ckpt_path} is not in this tracking store; logging to a new run")
-        return
+        return lock
+    if run.info.lifecycle_stage == "deleted":
+        rank_zero_warn(
+            f"the MLflow run {run_id} of {config.ckpt_path} was deleted; logging to a new run (to continue that one "
+            f"instead, restore it first: mlflow runs restore --run-id {run_id})"
+        )
+        return lock
     logger_args.run_id = run_id
     rank_zero_info(f"resuming from {config.ckpt_path}, continuing MLflow run {run_id}")
+    return lock

@@ -43,9 +43,16 @@ def store_init_lock(tracking_uri: str) -> Iterator[None]:
 
 
 def check_store(tracking_uri: str) -> None:
-    """Refuse an sqlite tracking database that is not one, naming it (MLflow's own error is a parser message)."""
+    """Refuse an sqlite tracking database that is not one, or cannot be one, naming it: MLflow's own errors are a
+    parser message, or minutes of retries then a traceback (a directory, a missing folder)."""
     database = sqlite_database(tracking_uri)
-    if database is not None and database.is_file() and database.stat().st_size:
+    if database is None:
+        return
+    if database.is_dir():
+        raise UserError(f"the tracking database {database} is a directory; point the tracking URI at a file in it, e.g. sqlite:///{database / 'mlflow.db'}")
+    if not database.parent.is_dir():
+        raise UserError(f"the folder of the tracking database {database} does not exist; create it, or set another tracking URI")
+    if database.is_file() and database.stat().st_size:
         with open(database, "rb") as f:
             if f.read(16) != b"SQLite format 3\x00":
                 raise UserError(f"{database} is not an SQLite database, so not an MLflow one; move it away or set another tracking URI")
@@ -55,6 +62,7 @@ def mlflow_client(tracking_uri: str):
     """An ``MlflowClient`` for ``tracking_uri``, opened under ``store_init_lock``."""
     from mlflow.tracking import MlflowClient
 
+    check_store(tracking_uri)
     with store_init_lock(tracking_uri):
         return MlflowClient(tracking_uri)
 
