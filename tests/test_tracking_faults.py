@@ -205,3 +205,24 @@ def test_resuming_a_deleted_run_logs_to_a_new_one_and_a_second_resume_at_once_is
         holder.wait()
     hold_resume_lock(str(last)).release()  # free again once the other process is gone
     assert metric_history(client, second.info.run_id, "val/loss") == logged  # the refused resume logged nothing
+
+
+@pytest.mark.parametrize("damage", ["emptied", "overwritten"])
+def test_a_database_damaged_under_a_run_keeps_its_writes_in_the_journal(tmp_path, damage):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e"))
+    client.log_metric(run.info.run_id, "a", 1.0, step=0)
+    database = tmp_path / "mlflow.db"
+    if damage == "emptied":
+        database.write_bytes(b"")
+    else:  # its pages overwritten past the header, as a half-finished copy leaves it
+        data = bytearray(database.read_bytes())
+        data[100:] = b"\xff" * (len(data) - 100)
+        database.write_bytes(bytes(data))
+    journal = Journal(tmp_path / "journal.jsonl", uri)
+    journaled = JournaledClient(client, journal)
+    with pytest.warns(UserWarning, match="training goes on, and the run's records are kept in"):
+        journaled.log_metric(run.info.run_id, "a", 2.0, step=1)
+    journaled.log_metric(run.info.run_id, "a", 3.0, step=2)
+    assert journal.pending == 2

@@ -40,14 +40,22 @@ def bound_http_retries() -> None:
         os.environ.setdefault(name, value)
 
 
+BROKEN_DATABASE = ("database disk image is malformed", "file is not a database", "no such table", "unable to open database file")
+"""What SQLite says of a database file that was truncated, overwritten or removed under a running fit. MLflow's
+SQLAlchemy store passes some of these on as ``BAD_REQUEST``, as if the request were wrong."""
+
+
 def unreachable(error: BaseException) -> bool:
-    """Whether ``error`` says the tracking store could not be reached (rather than that a request was wrong)."""
+    """Whether ``error`` says the tracking store could not be reached, or read (rather than that a request was wrong)."""
     import requests
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DatabaseError
 
-    if isinstance(error, (requests.RequestException, OSError)):
+    if isinstance(error, (requests.RequestException, OSError, DatabaseError)):
         return True
-    return isinstance(error, MlflowException) and error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    if not isinstance(error, MlflowException):
+        return False
+    return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") or any(m in str(error) for m in BROKEN_DATABASE)
 
 
 def _one_line(error: BaseException) -> str:
