@@ -107,9 +107,20 @@ def init_config(source: GPTConfig, given: Mapping[str, Any], path: str) -> GPTCo
     return dataclasses.replace(source, **updates)
 
 
+_HANDED_DOWN: dict[tuple, tuple[GPT, Tokenizer, SourceInfo]] = {}
+"""Sources :func:`apply_init_from` loaded, kept for the one :func:`init_model` of the same fit to take: read once."""
+
+
+def _source_key(path: str | Path) -> tuple:
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return str(resolved), stat.st_mtime_ns, stat.st_size
+
+
 def init_model(path: str, given: Mapping[str, Any]) -> tuple[GPT, Tokenizer, SourceInfo]:
-    """The model to fine-tune from ``path`` (in train mode), with :func:`init_config`'s rule applied to ``given``."""
-    model, tokenizer, info = load_source(path)
+    """The model to fine-tune from ``path`` (in train mode), with :func:`init_config`'s rule applied to ``given``: the
+    one :func:`apply_init_from` loaded for this fit, else loaded now."""
+    model, tokenizer, info = _HANDED_DOWN.pop(_source_key(path), None) or load_source(path)
     config = init_config(model.config, given, path)
     if config == model.config:
         return model.train(), tokenizer, info
@@ -127,16 +138,20 @@ def apply_init_from(config) -> None:
     model fields become the source's (see :func:`init_config`), so the logged config is the model trained;
     ``data.block_size`` follows; ``data.tokenizer_path`` is the source (its tokenizer), or must hold the same.
 
-    The source is loaded whole here (and again by ``LanguageModel``): a bad one is refused before the MLflow
-    store, the run folder or the token cache is written.
+    The source is loaded whole here, so a bad one is refused before the MLflow store, the run folder or the token
+    cache is written, and handed down to ``LanguageModel`` (:func:`init_model`), which does not read it again.
     """
     path = config.model.init_from
     names = [f.name for f in fields(GPTConfig)]
-    resolved = init_config(load_source(path)[0].config, {k: config.model[k] for k in names if k in config.model}, path)
+    source = load_source(path)
+    _HANDED_DOWN.clear()  # one fit's source at a time: an earlier fit in this process that never built its model
+    _HANDED_DOWN[_source_key(path)] = source
+    model, tokenizer, _ = source
+    resolved = init_config(model.config, {k: config.model[k] for k in names if k in config.model}, path)
     for name in names:
         config.model[name] = getattr(resolved, name)
     config.data.block_size = resolved.block_size
     given = config.data.tokenizer_path
-    if given and tokenizer_of(given).to_str() != tokenizer_of(path).to_str():
+    if given and tokenizer_of(given).to_str() != tokenizer.to_str():
         raise ConfigError(f"data.tokenizer_path={given} is not the tokenizer of model.init_from={path}; unset data.tokenizer_path")
     config.data.tokenizer_path = str(path)

@@ -38,7 +38,7 @@ from lm_lightning.data.corpus import (
     resolve_sources,
 )
 from lm_lightning.files import WriteError, atomic_write_text, file_lock, remove_stale_temporaries, temporary_path
-from lm_lightning.tokenizer import begin_of_text, continuation_tokenizer, end_of_text, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
+from lm_lightning.tokenizer import SPECIAL_TOKENS, begin_of_text, continuation_tokenizer, end_of_text, load_tokenizer, save_tokenizer, tokenizer_from_str, tokenizer_hash, train_tokenizer
 
 CACHE_FORMAT = 3
 SPLITS = ("train", "val")
@@ -465,6 +465,7 @@ class TokenCache:
             "vocab_size": self.vocab_size,
             "jsonl_field": self.jsonl_field,
             "sample_bytes": self.tokenizer_sample_bytes,
+            "special_tokens": SPECIAL_TOKENS,  # a tokenizer trained before the chat markers were added is trained again
             **self._split_settings,
         }
         if _read_json(self.folder / "tokenizer.meta.json") == wanted and path.is_file():
