@@ -210,3 +210,34 @@ def test_evaluate_on_conversations_scores_the_assistant_tokens(chat_run):
     assert scores.tokens == in_window < c.mask.sum() and math.isfinite(scores.loss)
     with pytest.raises(Exception, match="has no chat template to render them"):
         read_tokens(str(root / "chat.jsonl"), tokenizer)
+
+
+def test_lora_on_a_chat_folder_trains_in_its_template_and_its_checkpoint_chats(tmp_path, transformers_offline):
+    from test_chat import QWEN, qwen_chat_folder
+    from transformers import AutoTokenizer
+
+    from lm_lightning.checkpoint import load_checkpoint
+    from lm_lightning.data.cache import TokenCache
+
+    folder, _, _ = qwen_chat_folder(tmp_path)
+    records = conversations(40)
+    write_jsonl(tmp_path / "chat.jsonl", records)
+    shapeless = "\n".join(line for line in TINY_CONFIG.splitlines() if not line.strip().startswith(("n_", "block_size", "vocab_size")))
+    (tmp_path / "tiny.yaml").write_text(shapeless, encoding="utf-8")
+    with workdir(tmp_path):
+        code = run_main("fit", "--config", "tiny.yaml", "--data.path", "chat.jsonl", "--model.init_from", str(folder),
+                        "--model.lora_r", "4", "--trainer.max_steps", "4", "--samples.max_new_tokens", "2",
+                        "--trainer.default_root_dir", str(tmp_path / "runs"))
+    assert code == 0
+    (last,) = (tmp_path / "runs").glob("**/last.ckpt")
+    checkpoint = load_checkpoint(last)
+    assert "lora_base" in checkpoint and checkpoint["chat_template"] == QWEN
+    # The cache holds the conversations as transformers' apply_chat_template tokenizes them.
+    cache = TokenCache("chat.jsonl", tmp_path / "cache", str(folder), 0, 0.1, "text", 1 << 20, 100_000_000)
+    _, _, tokens, chats = cache.open()
+    messages = records[1]["messages"]
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert tokens["train"][int(chats["train"].starts[1]) : int(chats["train"].starts[2])].tolist() == list(expected)
+    result = run_cli("chat", "--ckpt_path", str(last), "--prompt", "What does Bo have?", "--temperature", "0", "--max_new_tokens", "4")
+    assert result.returncode == 0, result.stderr
