@@ -1,10 +1,11 @@
 """Supervised fine-tuning on conversations: does the whole loop teach a model a task it could not do?
 
-    python benchmarks/sft.py                     # ~8 minutes on 2 CPU cores
-    python benchmarks/sft.py --sft_steps 600 --held_out 100
+    python benchmarks/sft.py                                # ~8 minutes on 2 CPU cores
+    python benchmarks/sft.py --facts 2 --sft_steps 1500     # recall among two facts
 
-The task, written by the benchmark itself: a system turn states three facts ("Ana has 482. Bo has 193. Cy has
-556."), the user asks for one of them ("What does Bo have?"), the assistant answers with that fact ("Bo has 193.").
+The task, written by the benchmark itself: a system turn states ``--facts`` facts ("Bo has 193.", or with 3: "Ana has
+482. Bo has 193. Cy has 556."), the user asks for one of them ("What does Bo have?"), the assistant answers with that
+fact ("Bo has 193.").
 Names and numbers are drawn at random, so the held-out conversations (their own facts) can only be answered by
 reading the system turn. A base model of ours is first trained from scratch on the built-in corpus (plain text:
 it has never seen a conversation), then fine-tuned on the training conversations with ``lm-lightning fit
@@ -93,10 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=4000, help="training conversations")
     parser.add_argument("--held_out", type=int, default=200, help="held-out conversations (exact match)")
-    parser.add_argument("--facts", type=int, default=3, help="facts per system turn")
+    parser.add_argument("--facts", type=int, default=1, help="facts per system turn (more: recall, slower to learn)")
     parser.add_argument("--base_steps", type=int, default=300, help="steps of the base model on the built-in corpus")
     parser.add_argument("--sft_steps", type=int, default=800, help="fine-tuning steps on the conversations")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak fine-tuning learning rate")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak fine-tuning learning rate")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder); a base already there is reused")
     a = parser.parse_args()
     shape = ["--model.n_layer", "4", "--model.n_head", "4", "--model.n_embd", "128", "--model.block_size", "128"]

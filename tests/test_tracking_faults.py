@@ -160,18 +160,20 @@ def test_a_refused_resume_leaves_the_run_as_it_was(corpus, tiny_config, mlflow_s
 
 
 @pytest.mark.parametrize("where", ["directory", "missing-folder"])
-def test_a_tracking_database_path_that_cannot_be_one_is_one_line(corpus, tiny_config, tmp_path, monkeypatch, where):
+def test_a_tracking_database_path_that_cannot_be_one_is_one_line(corpus, tiny_config, tmp_path, monkeypatch, capsys, where):
+    from conftest import run_main
+
     path = tmp_path / ("store.db" if where == "directory" else "no/such/folder/mlflow.db")
     if where == "directory":
         path.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
     start = time.monotonic()
-    result = run_cli("fit", "--config", str(tiny_config), "--data.path", str(corpus))
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert run_main("fit", "--config", str(tiny_config), "--data.path", str(corpus)) == 2
     assert time.monotonic() - start < 60  # no minutes of retries
-    last = result.stderr.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: the {'tracking database' if where == 'directory' else 'folder of the tracking database'} {path}")
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
 
 
 def test_resuming_a_deleted_run_logs_to_a_new_one_and_a_second_resume_at_once_is_refused(corpus, tiny_config, mlflow_store, capsys):

@@ -129,10 +129,13 @@ def test_every_token_of_a_real_vocabulary_is_allowed_exactly_where_it_continues_
 
 
 def test_the_last_token_ends_a_character_where_one_can(random_generator):
+    empty = 0
     for seed in range(30):
         for n in (1, 2, 3):
             texts = random_generator.generate(PROMPT, max_new_tokens=n, num_samples=4, seed=seed, temperature=1.0)
-            assert all(text and "\ufffd" not in text for text in texts), texts
+            assert all("\ufffd" not in text for text in texts), texts
+            empty += sum(not text for text in texts)
+    assert empty < 20  # of 360: only a token of no bytes (a special token, a random model draws some) gives no text
 
 
 @pytest.mark.parametrize("mode", MODES)
