@@ -193,6 +193,9 @@ def load_gpt(path: str | Path, checkpoint: Mapping[str, Any] | None = None) -> t
         raise CheckpointError(f"cannot load checkpoint {path}: it is not an lm-lightning training checkpoint")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     config = model_config(hparams)
+    if not isinstance(config.vocab_size, int):  # fit always writes it; None is what GPTConfig leaves for the tokenizer
+        raise CheckpointError(f"cannot load {path}: its hyper_parameters give vocab_size={config.vocab_size!r}, not a number of tokens; "
+                              "it was edited, use the checkpoint as fit wrote it")
     check_size(config, state, path)
     check_weights(state, path)
     with skip_init():  # every weight is loaded next

@@ -150,6 +150,7 @@ def test_a_header_that_declares_more_than_the_file_holds(llama, tmp_path, capsys
     ({"n_layer": 10**6}, "needs at least"),
     ({"n_head": "x"}, "n_head='x' is not of type int"),
     ({"block_size": 512}, "its weights do not fit its hyper_parameters (size mismatch for transformer.wpe.weight"),
+    ({"vocab_size": None}, "its hyper_parameters give vocab_size=None, not a number of tokens"),
 ])
 def test_a_checkpoint_whose_hyperparameters_were_edited(tmp_path, capsys, changes, expected):
     ckpt = tmp_path / "model.ckpt"
