@@ -191,21 +191,21 @@ def test_resuming_a_deleted_run_logs_to_a_new_one_and_a_second_resume_at_once_is
     assert second.info.run_id != first.info.run_id and second.data.metrics["val/loss"] > 0
     assert client.get_run(first.info.run_id).info.lifecycle_stage == "deleted"
 
-    (last,) = Path("runs").glob(f"*/{second.info.run_id}/checkpoints/last.ckpt")
     logged = metric_history(client, second.info.run_id, "val/loss")
+    root = str(Path("runs").resolve())
     holder = subprocess.Popen(  # another process continuing the run
-        [sys.executable, "-c", f"from lm_lightning.tracking.runs import hold_resume_lock; lock = hold_resume_lock({str(last)!r}); "
-         "print('held', flush=True); import time; time.sleep(60)"],
+        [sys.executable, "-c", f"from lm_lightning.tracking.runs import hold_resume_lock; lock = hold_resume_lock({second.info.run_id!r}, "
+         f"{root!r}); print('held', flush=True); import time; time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert run_main(*args, "--trainer.max_steps", "12", "--ckpt_path", "last") == 2
-        assert "another process is continuing the run of" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"another process is continuing MLflow run {second.info.run_id}" in capsys.readouterr().err.strip().splitlines()[-1]
     finally:
         holder.kill()
         holder.wait()
-    hold_resume_lock(str(last)).release()  # free again once the other process is gone
+    hold_resume_lock(second.info.run_id, root).release()  # free again once the other process is gone
     assert metric_history(client, second.info.run_id, "val/loss") == logged  # the refused resume logged nothing
 
 

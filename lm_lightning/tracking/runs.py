@@ -20,8 +20,9 @@ from lm_lightning.checkpoint import LAST, RUN_ID_KEY, check_shape, load_checkpoi
 from lm_lightning.errors import UserError
 from lm_lightning.tracking.store import check_store, mlflow_client, resolve_tracking_uri
 
-RESUME_LOCK = ".resume.lock"
-"""Held, in a checkpoint's folder, by the process that continues its run: a second one is refused."""
+RESUME_LOCK = ".resume-{run_id}.lock"
+"""Held, in ``trainer.default_root_dir`` (where the run writes its checkpoints), by the process that continues an
+MLflow run: a second one is refused."""
 
 
 def _mlflow_logger_args(logger_config: Any) -> Namespace | None:
@@ -58,19 +59,20 @@ def find_last_checkpoint(config: Namespace, logger_args: Namespace | None) -> Pa
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
 
-def hold_resume_lock(ckpt_path: str) -> FileLock | None:
-    """Lock the folder of ``ckpt_path`` for the fit that continues from it, or refuse in one line if another process
-    holds it: two resumes of one run at once would log the same steps twice. Released by ``release()``, or when the
-    process ends however it ends (an ``flock``). Rank 0 holds it: the other processes of a distributed fit parse
-    the same command line."""
+def hold_resume_lock(run_id: str, root: str | Path) -> FileLock | None:
+    """Lock the MLflow run ``run_id`` for the fit that continues it (the lock file in ``root``, the run's
+    ``trainer.default_root_dir``), or refuse in one line if another process holds it: two resumes of one run at once
+    would log the same steps twice. Released by ``release()``, or when the process ends however it ends (an
+    ``flock``). Rank 0 holds it: the other processes of a distributed fit parse the same command line."""
     if rank_zero_only.rank != 0:
         return None
-    lock = FileLock(Path(ckpt_path).parent / RESUME_LOCK, is_singleton=False)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(root) / RESUME_LOCK.format(run_id=run_id), is_singleton=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise UserError(
-            f"another process is continuing the run of {ckpt_path} (it holds {lock.lock_file}); wait for it to end, "
+            f"another process is continuing MLflow run {run_id} (it holds {lock.lock_file}); wait for it to end, "
             "or stop it, before resuming the run again"
         ) from None
     return lock
@@ -83,7 +85,7 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> FileLock | None:
     truncated or unsafe checkpoint, or one of another model shape, is refused at once and no run is touched.
     If the checkpoint's run is not in this tracking store (a checkpoint copied from elsewhere), or was deleted,
     training continues from it in a new run. A fit that continues a run holds :func:`hold_resume_lock`, returned
-    for the caller to release when the fit ends.
+    for the caller to release when the fit ends (a fit into a new run needs none: nothing is shared).
     """
     if config.ckpt_path is None:
         return None
@@ -100,25 +102,23 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> FileLock | None:
         config.ckpt_path = str(found)
     checkpoint = load_checkpoint(config.ckpt_path, mmap=True)
     check_shape(checkpoint.get("hyper_parameters", {}), config.model.as_dict())  # before any run is touched
-    if subcommand != "fit":
-        return None
-    lock = hold_resume_lock(config.ckpt_path)
     run_id = checkpoint.get(RUN_ID_KEY)
-    if logger_args is None or logger_args.run_id or not run_id:
-        return lock
+    if subcommand != "fit" or logger_args is None or logger_args.run_id or not run_id:
+        return None
     from mlflow.exceptions import MlflowException
 
     try:
         run = _client(logger_args).get_run(run_id)
     except MlflowException:
         rank_zero_warn(f"the MLflow run {run_id} of {config.ckpt_path} is not in this tracking store; logging to a new run")
-        return lock
+        return None
     if run.info.lifecycle_stage == "deleted":
         rank_zero_warn(
             f"the MLflow run {run_id} of {config.ckpt_path} was deleted; logging to a new run (to continue that one "
             f"instead, restore it first: mlflow runs restore --run-id {run_id})"
         )
-        return lock
+        return None
+    lock = hold_resume_lock(run_id, config.trainer.default_root_dir)
     logger_args.run_id = run_id
     rank_zero_info(f"resuming from {config.ckpt_path}, continuing MLflow run {run_id}")
     return lock
