@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lm_lightning.chat_template import CHAT_TEMPLATE_KEY, checkpoint_template
+from lm_lightning.chat_template import CHAT_TEMPLATE_KEY, ChatTemplate, checkpoint_template
 from lm_lightning.checkpoint import RUN_ID_KEY, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from lm_lightning.generate import Sampling, TextGenerator
 from lm_lightning.hardware import peak_flops, precision_dtype
@@ -163,17 +163,19 @@ class TextSamples(L.Callback):
         self.prompts = [""] if prompts is None else list(prompts)
         self.chat_prompts, self.num_chat_samples = chat_prompts, num_chat_samples
         self._generator: TextGenerator | None = None
+        self._template: ChatTemplate | None = None
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         logger = mlflow_logger(trainer)
         if trainer.sanity_checking or trainer.state.fn != "fit" or logger is None or not self.prompts or not pl_module.tokenizer_json:
             return
-        tokenizer = tokenizer_from_str(pl_module.tokenizer_json)
-        template = checkpoint_template({CHAT_TEMPLATE_KEY: pl_module.chat_template}, tokenizer)
         if self._generator is None:
-            stop = template.stop_token_ids(tokenizer) if template is not None else ()
+            tokenizer = tokenizer_from_str(pl_module.tokenizer_json)
+            self._template = checkpoint_template({CHAT_TEMPLATE_KEY: pl_module.chat_template}, tokenizer)
+            stop = self._template.stop_token_ids(tokenizer) if self._template is not None else ()
             self._generator = TextGenerator(pl_module.model, tokenizer, stop)
+        template, tokenizer = self._template, self._generator.tokenizer
         # Lightning puts the model back in train mode only after on_validation_end: dropout is off here.
         if template is None:
             prompts = self.prompts

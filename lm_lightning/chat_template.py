@@ -210,13 +210,20 @@ def checkpoint_template(checkpoint: Mapping[str, Any], tokenizer: Tokenizer | No
     return ChatTemplate(source, eos_token=eos)
 
 
-def training_template(tokenizer_path: str | None, tokenizer: Tokenizer) -> ChatTemplate:
-    """The template conversations are rendered with for training on ``tokenizer``: the chat template of
-    ``tokenizer_path`` (a transformers folder or a ``.ckpt`` that has one), else :data:`DEFAULT_TEMPLATE`, whose role
-    markers must then be special tokens of the tokenizer (every tokenizer we train has them)."""
+def source_template(tokenizer_path: str | None) -> ChatTemplate | None:
+    """The chat template of ``data.tokenizer_path`` when it is a model (a transformers folder, an export or a ``.ckpt``)
+    that has one; ``None`` for a bare ``tokenizer.json``, no path, or a model without one."""
     path = Path(tokenizer_path) if tokenizer_path else None
-    template = load_chat_template(path, required=False) if path is not None and (path.is_dir() or path.suffix == ".ckpt") else None
-    if template is not None:
+    if path is None or not (path.is_dir() or path.suffix == ".ckpt"):
+        return None
+    return load_chat_template(path, required=False)
+
+
+def training_template(tokenizer_path: str | None, tokenizer: Tokenizer) -> ChatTemplate:
+    """The template conversations are rendered with for training on ``tokenizer``: :func:`source_template`, else
+    :data:`DEFAULT_TEMPLATE`, whose role markers must then be special tokens of the tokenizer (every tokenizer we
+    train has them)."""
+    if (template := source_template(tokenizer_path)) is not None:
         return template
     missing = [t for t in CHAT_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
     if missing:

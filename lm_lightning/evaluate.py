@@ -23,7 +23,7 @@ from lm_lightning.data.windows import conversation_rows
 from lm_lightning.errors import UserError
 from lm_lightning.model import GPT
 from lm_lightning.pretrained import load_source
-from lm_lightning.tokenizer import end_of_text, token_bytes
+from lm_lightning.tokenizer import end_of_text, token_byte_lengths
 
 
 @dataclass
@@ -85,12 +85,8 @@ def _read_conversations(path, sources, tokenizer, jsonl_field, template) -> Corp
             starts.append(starts[-1] + len(conversation))
     tokens, mask = np.concatenate(ids), np.concatenate(masks)
     # Bytes of the assistant's text: what bits per byte is over, as in training's validation.
-    n_bytes = int(_byte_table(tokenizer)[tokens[mask.astype(bool)]].sum())
+    n_bytes = int(token_byte_lengths(tokenizer)[tokens[mask.astype(bool)]].sum())
     return Corpus(tokens, corpus_hash.hexdigest(), n_bytes, Conversations(mask, np.asarray(starts, dtype=np.int64)))
-
-
-def _byte_table(tokenizer: Tokenizer) -> np.ndarray:
-    return np.asarray([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
 
 
 def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -139,7 +135,7 @@ def score_conversations(
     """Summed nats over the assistant's tokens of each conversation, read alone from its start and cut to the model's
     ``block_size + 1`` tokens (as validation reads them); the number of tokens scored and their UTF-8 bytes."""
     block_size, device, pad_id = model.config.block_size, model.lm_head.weight.device, end_of_text(tokenizer)
-    table = torch.from_numpy(_byte_table(tokenizer))
+    table = torch.from_numpy(token_byte_lengths(tokenizer))
     nats, n_tokens, n_bytes = 0.0, 0, 0
     for batch in iter_batches(range(len(conversations)), batch_size):
         ids, trained = conversation_rows(tokens, conversations, batch, block_size + 1, pad_id)

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm_lightning.errors import UserError
@@ -235,6 +236,11 @@ def continuation_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
 
     changed = {**spec, "normalizer": without_prepend(spec.get("normalizer")), "pre_tokenizer": without_prepend(spec.get("pre_tokenizer"))}
     return tokenizer if changed == spec else Tokenizer.from_str(json.dumps(changed))
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes per token id (int64), for bits per byte: :func:`token_bytes`' lengths."""
+    return np.fromiter((len(b) for b in token_bytes(tokenizer)), dtype=np.int64)
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:

@@ -544,30 +544,17 @@ class TokenCache:
         tokenizer = tokenizer_from_str(meta["tokenizer_json"], source=str(self.folder / "meta.json"))
         if tokenizer_hash(tokenizer) != meta.get("tokenizer"):
             raise DataError(f"the token cache in {self.folder} holds another tokenizer than its meta.json names; delete the folder to rebuild it")
-        splits = {
-            split: TokenShards.open(
-                [shard_path(self.folder, split, i) for i in range(len(meta[f"{split}_shards"]))],
-                meta[f"{split}_shards"],
-                meta["dtype"],
-                random_access=split == "train",  # random windows; validation reads in order
-            )
-            for split in self.splits
-        }
+        def stream(split: str, suffix: str, sizes: list[int], dtype: str) -> TokenShards:
+            paths = [shard_path(self.folder, split, i, suffix) for i in range(len(sizes))]
+            return TokenShards.open(paths, sizes, dtype, random_access=split == "train")  # random windows; validation reads in order
+
+        splits = {split: stream(split, ".bin", meta[f"{split}_shards"], meta["dtype"]) for split in self.splits}
         conversations = {}
         if meta.get("chat_template") is not None:
             for split in self.splits:
-                mask = TokenShards.open(
-                    [shard_path(self.folder, split, i, MASK) for i in range(len(meta[f"{split}_shards"]))],
-                    meta[f"{split}_shards"],
-                    "uint8",
-                    random_access=split == "train",
-                )
-                starts = TokenShards.open(
-                    [shard_path(self.folder, split, i, STARTS) for i in range(len(meta[f"{split}_start_shards"]))],
-                    meta[f"{split}_start_shards"],
-                    "int64",
-                )
-                conversations[split] = Conversations(mask, np.append(np.asarray(starts), len(splits[split])))
+                mask = stream(split, MASK, meta[f"{split}_shards"], "uint8")
+                starts = np.asarray(stream(split, STARTS, meta[f"{split}_start_shards"], "int64"))
+                conversations[split] = Conversations(mask, np.append(starts, len(splits[split])))
         return meta, tokenizer, splits, conversations
 
     def check_long_enough(self, meta: dict, block_size: int) -> None:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lm_lightning.chat_template import load_chat_template
+from lm_lightning.chat_template import source_template
 from lm_lightning.data.cache import Conversations, TokenCache, TokenShards
 from lm_lightning.data.corpus import DataError
 from lm_lightning.data.windows import (
@@ -24,7 +24,7 @@ from lm_lightning.data.windows import (
     ValWindows,
 )
 from lm_lightning.files import cache_root
-from lm_lightning.tokenizer import end_of_text, token_bytes
+from lm_lightning.tokenizer import end_of_text, token_byte_lengths
 
 NO_TEST_SPLIT = (
     "there is no test split: data.test_fraction is 0; set it (e.g. --data.test_fraction 0.05) when training and "
@@ -138,11 +138,8 @@ class TextDataModule(L.LightningDataModule):
         ``tokenizer_path`` (a chat model fine-tuned on plain text still chats); ``None`` if neither has one."""
         if self.meta.get("chat_template") is not None:
             return self.meta["chat_template"]
-        path = self.hparams.tokenizer_path
-        if path and (os.path.isdir(path) or path.endswith(".ckpt")):
-            template = load_chat_template(path, required=False)
-            return template.source if template is not None else None
-        return None
+        template = source_template(self.hparams.tokenizer_path)
+        return template.source if template is not None else None
 
     @property
     def tokenizer_vocab_size(self) -> int:
@@ -150,7 +147,7 @@ class TextDataModule(L.LightningDataModule):
 
     def token_byte_lengths(self) -> torch.Tensor:
         """UTF-8 bytes per token id, for bits-per-byte."""
-        return torch.tensor([len(b) for b in token_bytes(self.tokenizer)], dtype=torch.long)
+        return torch.from_numpy(token_byte_lengths(self.tokenizer))
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
