@@ -84,20 +84,19 @@ def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
 
 
 def init_config(source: GPTConfig, given: Mapping[str, Any], path: str) -> GPTConfig:
-    """The config to fine-tune ``source`` with, given the model fields a user passed (``given``).
+    """The config to fine-tune ``source`` with, given the model fields a user set (``given``: only those).
 
-    The rule: a field left at its ``GPTConfig`` default takes the source's value; a field set to anything
-    else must equal the source's, or it is a :class:`ConfigError` naming both values. Two exceptions:
-    ``dropout`` is the user's (a training setting), and ``block_size`` may be smaller than the source's (the
-    model then reads shorter windows; a learned position table is cut to its first ``block_size`` rows).
+    The rule: a field not given (or given as ``None``, unset) takes the source's value; a field given must equal the source's, or it is a
+    :class:`ConfigError` naming both values. Two exceptions: ``dropout`` is the user's (a training setting), and
+    ``block_size`` may be smaller than the source's (the model then reads shorter windows; a learned position table
+    is cut to its first ``block_size`` rows).
     """
-    defaults = GPTConfig()
-    updates: dict[str, Any] = {"dropout": given.get("dropout", defaults.dropout)}
+    updates: dict[str, Any] = {"dropout": given.get("dropout", GPTConfig().dropout)}
     differ = []
     for f in fields(GPTConfig):
-        value = given.get(f.name, getattr(defaults, f.name))
-        if f.name in TRAINING_ONLY_FIELDS or value == getattr(defaults, f.name) or value == getattr(source, f.name):
+        if f.name in TRAINING_ONLY_FIELDS or given.get(f.name) in (None, getattr(source, f.name)):
             continue
+        value = given[f.name]
         if f.name == "block_size" and value < source.block_size:
             updates["block_size"] = value
         else:
@@ -133,9 +132,10 @@ def init_model(path: str, given: Mapping[str, Any]) -> tuple[GPT, Tokenizer, Sou
     return tuned.train(), tokenizer, info
 
 
-def apply_init_from(config) -> None:
+def apply_init_from(config, given: Mapping[str, Any]) -> None:
     """Fill a ``fit`` config (a jsonargparse namespace) from ``model.init_from``, before anything is built: the
-    model fields become the source's (see :func:`init_config`), so the logged config is the model trained;
+    model fields become the source's, with :func:`init_config`'s rule applied to the model fields the command line
+    and config files set (``given``), so the logged config is the model trained;
     ``data.block_size`` follows; ``data.tokenizer_path`` is the source (its tokenizer), or must hold the same.
 
     The source is loaded whole here, so a bad one is refused before the MLflow store, the run folder or the token
@@ -147,11 +147,11 @@ def apply_init_from(config) -> None:
     _HANDED_DOWN.clear()  # one fit's source at a time: an earlier fit in this process that never built its model
     _HANDED_DOWN[_source_key(path)] = source
     model, tokenizer, _ = source
-    resolved = init_config(model.config, {k: config.model[k] for k in names if k in config.model}, path)
+    resolved = init_config(model.config, {k: given[k] for k in names if k in given}, path)
     for name in names:
         config.model[name] = getattr(resolved, name)
     config.data.block_size = resolved.block_size
-    given = config.data.tokenizer_path
-    if given and tokenizer_of(given).to_str() != tokenizer.to_str():
-        raise ConfigError(f"data.tokenizer_path={given} is not the tokenizer of model.init_from={path}; unset data.tokenizer_path")
+    tokenizer_path = config.data.tokenizer_path
+    if tokenizer_path and tokenizer_of(tokenizer_path).to_str() != tokenizer.to_str():
+        raise ConfigError(f"data.tokenizer_path={tokenizer_path} is not the tokenizer of model.init_from={path}; unset data.tokenizer_path")
     config.data.tokenizer_path = str(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from jsonargparse import Namespace
@@ -24,8 +25,8 @@ def tokenizer_file(tokenizer_json: str, cache_dir: str | None) -> Path:
     return path
 
 
-def adopt_checkpoint(config: Namespace, defaults: Namespace) -> dict[str, str]:
-    """Set the model fields the user left at their defaults (``defaults.model``) to the checkpoint's, and
+def adopt_checkpoint(config: Namespace, given: Mapping[str, Any]) -> dict[str, str]:
+    """Set the model fields the user did not set (not in ``given``) to the checkpoint's, and
     ``data.tokenizer_path`` (unless set) to the checkpoint's tokenizer; the tags that say what was scored.
 
     A field the user did set is kept: a checkpoint of another shape is then refused as for ``fit``.
@@ -36,7 +37,7 @@ def adopt_checkpoint(config: Namespace, defaults: Namespace) -> dict[str, str]:
         raise CheckpointError(f"cannot score {config.ckpt_path}: it is not an lm-lightning training checkpoint")
     saved = vars(model_config(hparams))
     for key, value in saved.items():
-        if key in config.model and config.model[key] == defaults.model.get(key):
+        if key in config.model and key not in given:
             config.model[key] = value
     if LORA_KEY in checkpoint:  # adapters: the model is their base with them on it
         config.model.init_from = checkpoint[LORA_KEY]["path"]

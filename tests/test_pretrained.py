@@ -168,6 +168,23 @@ def test_shape_flags_that_contradict_the_folder_are_refused(folders, tmp_path, c
     assert not any((tmp_path / name).exists() for name in ("mlflow.db", "runs", "cache"))
 
 
+def test_a_block_size_equal_to_the_default_is_still_the_users(folders, tmp_path, mlflow_store):
+    """--model.block_size 256 (GPTConfig's default) on a folder of 1024 positions trains 256-token windows."""
+    import shutil
+
+    folder = tmp_path / "llama-1024"
+    shutil.copytree(folders["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    args = fit_args(folder, corpus, "--model.block_size", "256", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
+    with single_thread():
+        assert run_main(*args) == 0
+    params = only_run(MlflowClient(mlflow_store), "ft").data.params
+    assert params["model.block_size"] == params["data.block_size"] == "256"
+
+
 class Weights(dict):
     """Not a plain container: unpickling it runs this module's code."""
 
