@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 from lm_lightning.checkpoint import TOKENIZER_KEY, load_checkpoint
 from lm_lightning.errors import UserError
+from lm_lightning.files import read_source_text
 from lm_lightning.tokenizer import END_OF_TEXT, IM_END, IM_START, tokenizer_from_str
 
 CHAT_TEMPLATE_KEY = "chat_template"
@@ -180,7 +181,7 @@ def _token_content(token: Any) -> str | None:
 def _folder_template(folder: Path) -> ChatTemplate | None:
     config_path = folder / "tokenizer_config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = json.loads(read_source_text(config_path)) if config_path.is_file() else {}
     except ValueError as e:
         raise ChatError(f"{config_path} is not valid JSON ({e})") from None
     source = config.get(CHAT_TEMPLATE_KEY)
@@ -188,7 +189,7 @@ def _folder_template(folder: Path) -> ChatTemplate | None:
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default")
     if (folder / "chat_template.jinja").is_file():  # transformers prefers the file to the config's field
-        source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        source = read_source_text(folder / "chat_template.jinja")
     if not isinstance(source, str):
         return None
     tokens = {k: _token_content(v) for k, v in config.items() if k.endswith("_token")}
@@ -235,15 +236,16 @@ def training_template(tokenizer_path: str | None, tokenizer: Tokenizer) -> ChatT
     return ChatTemplate(DEFAULT_TEMPLATE, eos_token=eos)
 
 
-def load_chat_template(source: str | Path, required: bool = True) -> ChatTemplate | None:
+def load_chat_template(source: str | Path, required: bool = True, checkpoint: Mapping[str, Any] | None = None) -> ChatTemplate | None:
     """The chat template of a model: a transformers folder or an export (``chat_template.jinja``, or
-    ``tokenizer_config.json``'s ``chat_template``, a string or a list of named ones), or a ``.ckpt`` of ours.
-    With ``required``, a source without one is a one-line :class:`ChatError`; else ``None``."""
+    ``tokenizer_config.json``'s ``chat_template``, a string or a list of named ones), or a ``.ckpt`` of ours
+    (``checkpoint``: that file already loaded, not read again). With ``required``, a source without one is a
+    one-line :class:`ChatError`; else ``None``."""
     path = Path(source)
     if path.is_dir():
         template = _folder_template(path)
-    elif path.is_file():
-        checkpoint = load_checkpoint(path)
+    elif checkpoint is not None or path.is_file():
+        checkpoint = load_checkpoint(path, mmap=True) if checkpoint is None else checkpoint
         tokenizer = tokenizer_from_str(checkpoint[TOKENIZER_KEY]) if TOKENIZER_KEY in checkpoint else None
         template = checkpoint_template(checkpoint, tokenizer)
     else:

@@ -15,10 +15,10 @@ from typing import get_type_hints
 import torch
 from jsonargparse import ArgumentError, ArgumentParser, auto_cli
 
-from lm_lightning.chat_template import ChatTemplate, load_chat_template
+from lm_lightning.chat_template import ChatTemplate
 from lm_lightning.cli_hints import did_you_mean, option_strings
 from lm_lightning.errors import UserError
-from lm_lightning.evaluate import evaluate_model, load_scored_model, log_evaluation
+from lm_lightning.evaluate import evaluate_model, log_evaluation
 from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling, TextGenerator, check_num_samples
 from lm_lightning.lora import export_adapter
@@ -140,10 +140,10 @@ def evaluate(
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, source_run_id = load_scored_model(ckpt_path, device)
+    model, tokenizer, info = load_source(ckpt_path)
+    source_run_id = info.run_id if info.kind == "checkpoint" else None
     # A corpus of conversations is rendered with the model's chat template.
-    template = load_chat_template(ckpt_path, required=False)
-    scores = evaluate_model(model, tokenizer, data.path, stride, batch_size, template)
+    scores = evaluate_model(model.to(device), tokenizer, data.path, stride, batch_size, info.chat_template)
     run_id = None
     if mlflow:
         stride = model.config.block_size if stride is None else stride
@@ -181,8 +181,8 @@ def export(ckpt_path: str, out: str, overwrite: bool = False, adapter: bool = Fa
     if adapter:
         print(f"exported the adapters of {ckpt_path} to {export_adapter(ckpt_path, out, overwrite)}")
         return
-    model, tokenizer = load_source(ckpt_path)[:2]  # a LoRA run's checkpoint: merged onto its base
-    template = load_chat_template(ckpt_path, required=False)
+    model, tokenizer, info = load_source(ckpt_path)  # a LoRA run's checkpoint: merged onto its base
+    template = info.chat_template
     folder = export_pretrained(model, tokenizer, out, overwrite, template.source if template else None)
     print(f"exported {ckpt_path} to {folder}")
 
@@ -225,10 +225,10 @@ def chat(ckpt_path: str, prompt: str = "", system: str = "", device: str = "auto
             valid_utf8. An answer ends at the template's end-of-turn token.
     """
     settings = Sampling(**sampling)
-    template = load_chat_template(ckpt_path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, info = load_source(ckpt_path)
+    model, tokenizer, info = load_source(ckpt_path, require_chat_template=True)
+    template = info.chat_template
     generator = TextGenerator(model.to(device), tokenizer, (*info.stop_tokens, *template.stop_token_ids(tokenizer)))
     start = [{"role": "system", "content": system}] if system else []
     if prompt or not sys.stdin.isatty():
@@ -282,7 +282,6 @@ def serve(
     """
     import uvicorn
 
-    from lm_lightning.chat_template import load_chat_template
     from lm_lightning.serving.app import Server, create_app
     from lm_lightning.serving.engine import Engine
 
@@ -298,9 +297,10 @@ def serve(
     api_key = api_key or os.environ.get(API_KEY_VARIABLE) or None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = TextGenerator.load(ckpt_path, device)
+    model, tokenizer, info = load_source(ckpt_path)
+    generator = TextGenerator(model.to(device), tokenizer, info.stop_tokens)
     name = model_name or Path(ckpt_path).resolve().name
-    server = Server(Engine(generator, max_batch), name, limits, api_key, load_chat_template(ckpt_path, required=False))
+    server = Server(Engine(generator, max_batch), name, limits, api_key, info.chat_template)
     print(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", file=sys.stderr, flush=True)
     # uvicorn answers SIGTERM by closing the socket and waiting for the requests in flight; then the app's lifespan
     # drains the engine.

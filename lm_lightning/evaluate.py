@@ -22,7 +22,6 @@ from lm_lightning.data.corpus import DataError, is_conversation_corpus, resolve_
 from lm_lightning.data.windows import conversation_rows
 from lm_lightning.errors import UserError
 from lm_lightning.model import GPT
-from lm_lightning.pretrained import load_source
 from lm_lightning.tokenizer import end_of_text, token_byte_lengths
 
 
@@ -146,13 +145,6 @@ def score_conversations(
         n_tokens += int(trained.sum())
         n_bytes += int(table[ids[:, 1:][trained].cpu()].sum())
     return nats, n_tokens, n_bytes
-
-
-def load_scored_model(path: str, device: str) -> tuple[GPT, Tokenizer, str | None]:
-    """The model and tokenizer of a checkpoint, an exported folder or a transformers folder, and the MLflow run that
-    wrote the checkpoint."""
-    model, tokenizer, info = load_source(path)
-    return model.to(device), tokenizer, info.run_id if info.kind == "checkpoint" else None
 
 
 def evaluate_model(

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from lm_lightning.checkpoint import assign_weights, check_size, check_weights, load_error_line
 from lm_lightning.errors import UserError
+from lm_lightning.files import read_source_text
 from lm_lightning.families import config_from_hf, hf_config, hf_state, state_from_hf
 from lm_lightning.model import GPT, GPTConfig, skip_init
 from lm_lightning.tokenizer import begin_of_text, end_of_text, folder_tokenizer
@@ -140,7 +141,7 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise ExportError(f"cannot load {folder}: it has no config.json, so it is not a transformers model folder")
     try:
-        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        hf = json.loads(read_source_text(folder / "config.json"))
     except ValueError as e:
         raise ExportError(f"cannot load {folder}: config.json is not valid JSON ({e})") from None
     if not isinstance(hf, dict):

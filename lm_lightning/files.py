@@ -15,6 +15,20 @@ def cache_root() -> Path:
     return Path(os.path.expanduser(os.environ.get("LM_LIGHTNING_CACHE", "~/.cache/lm_lightning")))
 
 
+_TEXTS: dict[tuple[str, int, int, str], str] = {}
+
+
+def read_source_text(path: str | os.PathLike, errors: str = "strict") -> str:
+    """The UTF-8 text of a model source's small file (``config.json``, ``tokenizer.json``, ...), read once per process
+    while it is unchanged (same size and modification time): the readers of one source (config, tokenizer, special
+    tokens, chat template, the data module's tokenizer) share one read of each file."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, errors)
+    if key not in _TEXTS:
+        _TEXTS[key] = Path(path).read_text(encoding="utf-8", errors=errors)
+    return _TEXTS[key]
+
+
 class WriteError(OSError):
     """A file could not be written (disk full, no permission); the previous version of it is intact."""
 

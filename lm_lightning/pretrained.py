@@ -15,6 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from lm_lightning.chat_template import ChatTemplate, load_chat_template
 from lm_lightning.checkpoint import RUN_ID_KEY, TRAINING_ONLY_FIELDS, load_checkpoint, load_gpt, tokenizer_of
 from lm_lightning.errors import ConfigError
 from lm_lightning.export import load_pretrained
@@ -41,6 +42,9 @@ class SourceInfo:
     """End-of-sequence token ids the folder declares (generation stops at them as well as at end-of-text)."""
     run_id: str | None = None
     """The MLflow run that wrote a checkpoint (``None`` for a folder)."""
+    chat_template: ChatTemplate | None = None
+    """The source's chat template (a folder's ``tokenizer_config.json`` or ``chat_template.jinja``, a checkpoint's
+    ``chat_template``); ``None`` if it has none."""
 
     def tags(self) -> dict[str, str]:
         return {"init_from": self.path, "init_from.kind": self.kind, "init_from.family": self.family,
@@ -59,18 +63,23 @@ def config_hash(config: GPTConfig) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
-    """The model (in eval mode), tokenizer and :class:`SourceInfo` of a transformers folder or a ``.ckpt`` of ours.
+def load_source(path: str | Path, require_chat_template: bool = False) -> tuple[GPT, Tokenizer, SourceInfo]:
+    """The model (in eval mode), tokenizer and :class:`SourceInfo` of a transformers folder or a ``.ckpt`` of ours,
+    each file read once.
 
     Everything is checked before it is returned (config, weights against config, tokenizer against the
-    embedding, a byte-level tokenizer); a problem is one line (a ``UserError``).
+    embedding, a byte-level tokenizer); a problem is one line (a ``UserError``). ``require_chat_template``: a source
+    without a chat template is refused before its weights are read.
     """
     path = Path(path)
-    if path.is_dir() or path.suffix != ".ckpt":
+    checkpoint = load_checkpoint(path, mmap=True) if path.suffix == ".ckpt" and not path.is_dir() else None
+    # A missing folder is load_pretrained's one line, below.
+    template = load_chat_template(path, require_chat_template, checkpoint) if path.exists() else None
+    if checkpoint is None:
         model, tokenizer = load_pretrained(path)
         stop = [tokenizer.token_to_id(t) for t in declared_special_tokens(path, tokenizer)["eos"]]
         kind, run_id = "transformers", None
-    elif LORA_KEY in (checkpoint := load_checkpoint(path, mmap=True)):  # adapters: merged onto their base
+    elif LORA_KEY in checkpoint:  # adapters: merged onto their base
         model, tokenizer, base = load_lora_checkpoint(checkpoint, path)
         stop, kind = ([] if base.endswith(".ckpt") else [tokenizer.token_to_id(t) for t in declared_special_tokens(base, tokenizer)["eos"]]), "lora"
         run_id = checkpoint.get(RUN_ID_KEY)
@@ -79,7 +88,7 @@ def load_source(path: str | Path) -> tuple[GPT, Tokenizer, SourceInfo]:
         stop, kind, run_id = [], "checkpoint", checkpoint.get(RUN_ID_KEY)
     token_bytes(tokenizer)  # refuses a tokenizer that is not byte-level now, not after tokenizing a corpus with it
     info = SourceInfo(str(path.resolve()), kind, _family(model.config), config_hash(model.config),
-                      tuple(i for i in stop if i is not None), run_id)
+                      tuple(i for i in stop if i is not None), run_id, template)
     return model, tokenizer, info
 
 

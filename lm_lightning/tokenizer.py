@@ -27,7 +27,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm_lightning.errors import UserError
-from lm_lightning.files import atomic_write_text
+from lm_lightning.files import atomic_write_text, read_source_text
 
 EOT = "<|endoftext|>"
 """Separates documents in the token stream; generation stops on it."""
@@ -103,12 +103,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return folder_tokenizer(path)
     if not path.is_file():
         raise TokenizerError(f"tokenizer file {path} does not exist; fix data.tokenizer_path or unset it to train one")
-    return tokenizer_from_str(path.read_text(encoding="utf-8", errors="replace"), source=str(path))
+    return tokenizer_from_str(read_source_text(path, errors="replace"), source=str(path))
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return json.loads(read_source_text(path)) if path.is_file() else {}
     except ValueError as e:
         raise TokenizerError(f"{path} is not valid JSON ({e})") from None
 
