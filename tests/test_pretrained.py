@@ -185,6 +185,27 @@ def test_a_block_size_equal_to_the_default_is_still_the_users(folders, tmp_path,
     assert params["model.block_size"] == params["data.block_size"] == "256"
 
 
+def test_each_file_of_a_source_is_read_once(folders, tmp_path, monkeypatch):
+    """load_source, then what fit's data module asks of the same folder (its tokenizer, its chat template)."""
+    import pathlib
+    import shutil
+
+    from lm_lightning.chat_template import source_template
+    from lm_lightning.checkpoint import tokenizer_of
+    from lm_lightning.pretrained import load_source
+
+    folder = shutil.copytree(folders["qwen3"], tmp_path / "qwen3")  # files this process has not read
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages[0]['content'] }}"}))
+    reads: list[str] = []
+    read_text = pathlib.Path.read_text
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, **k: reads.append(self.relative_to(folder).name if self.is_relative_to(folder) else "") or read_text(self, *a, **k))
+    _, tokenizer, info = load_source(folder)
+    assert tokenizer_of(folder).to_str() == tokenizer.to_str()
+    assert source_template(str(folder)).source == info.chat_template.source == "{{ messages[0]['content'] }}"
+    assert sorted(filter(None, reads)) == ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
 class Weights(dict):
     """Not a plain container: unpickling it runs this module's code."""
 
