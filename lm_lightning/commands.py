@@ -32,7 +32,7 @@ def _warn(message, category, filename, lineno, file=None, line=None) -> None:
 
 def _read_prompt(prompt: str, prompt_file: str | None) -> str:
     """The prompt: ``prompt``, or the text of ``prompt_file`` (``-``: standard input) read byte for byte, so CRLF
-    and CR stay as they are."""
+    and CR stay as they are; a leading byte-order mark (as Windows editors write) is not part of the text."""
     if prompt_file is None:
         return prompt
     if prompt:
@@ -47,7 +47,7 @@ def _read_prompt(prompt: str, prompt_file: str | None) -> str:
     else:
         data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(
             f"prompt file {path} is not UTF-8: undecodable byte 0x{data[e.start]:02x} at byte offset {e.start}; "

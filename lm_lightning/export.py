@@ -100,17 +100,21 @@ def _load_pickled(path: Path) -> dict[str, torch.Tensor]:
 
 def _shards(folder: Path, index: str) -> list[Path]:
     """The files a weight index names, each checked to be a file inside ``folder`` (an index is data from
-    elsewhere: a name such as ``../../etc/passwd``, an absolute path or a link out of the folder is refused)."""
+    elsewhere: a name such as ``../../etc/passwd``, an absolute path or a link out of the folder is refused), or,
+    for a snapshot of the Hugging Face hub cache, a link into that repository's ``blobs`` folder."""
     try:
         weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
         names = set(weight_map.values())
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ExportError(f"cannot load {folder}: {index} is not a weight index (a JSON object with a weight_map of "
                           "tensor names to file names)") from None
-    inside, shards = folder.resolve(), []
+    inside, shards = [folder.resolve()], []
+    snapshots = folder.absolute().parent
+    if snapshots.name == "snapshots":  # the Hugging Face hub cache: snapshots/<rev>/<file> links to ../../blobs/<hash>
+        inside.append((snapshots.parent / "blobs").resolve())
     for name in sorted(names):
         shard = (folder / str(name)).resolve()
-        if not isinstance(name, str) or not shard.is_relative_to(inside):
+        if not isinstance(name, str) or not any(shard.is_relative_to(root) for root in inside):
             raise ExportError(f"cannot load {folder}: {index} names {name!r}, which is outside the folder; "
                               "a weight index may only name files inside its model folder")
         if not shard.is_file():

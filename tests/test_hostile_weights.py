@@ -65,6 +65,20 @@ def test_a_link_out_of_the_folder_is_refused_and_a_shard_inside_loads(llama, tmp
     assert run_main("generate", "--ckpt_path", str(model), "--max_new_tokens", "2") == 0
 
 
+def test_a_sharded_snapshot_of_the_hub_cache_loads(llama, tmp_path):
+    """models--org--name/snapshots/<rev>/<file> are links to ../../blobs/<hash>, as huggingface_hub writes them."""
+    model = sharded(llama, tmp_path, "part-2.safetensors")
+    shutil.move(tmp_path / "elsewhere.safetensors", model / "part-2.safetensors")
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(model.iterdir())):
+        shutil.copy(f, repo / "blobs" / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snapshot / f.name)
+    assert run_main("generate", "--ckpt_path", str(snapshot), "--max_new_tokens", "2") == 0
+
+
 @pytest.mark.parametrize("index", ["[1, 2]", '{"weight_map": ["a"]}', '{"metadata": {}}', "not json"])
 def test_an_index_that_is_not_one(llama, tmp_path, capsys, index):
     model = sharded(llama, tmp_path, "part-1.safetensors")

@@ -89,6 +89,10 @@ def test_prompt_files_that_are_not_text_are_one_line(folder, tmp_path, capsys):
     good.write_bytes("line\r\n我".encode())
     assert run_main("generate", "--ckpt_path", str(folder), "--prompt_file", str(good), "--max_new_tokens", "2", "--device", "cpu") == 0
     assert capsys.readouterr().out.startswith("line\r\n我")  # byte for byte
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfline")  # what Notepad writes
+    assert run_main("generate", "--ckpt_path", str(folder), "--prompt_file", str(bom), "--max_new_tokens", "2", "--device", "cpu") == 0
+    assert capsys.readouterr().out.startswith("line")
 
 
 def test_evaluate_refuses_an_empty_text_and_stride_zero(folder, tmp_path, capsys):

@@ -137,6 +137,15 @@ def test_fewer_than_one_trial_is_one_line(n_trials, mlflow_store, tiny_config, c
     assert not Path("optuna.db").exists()
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1"])
+def test_a_timeout_that_leaves_no_time_is_one_line(timeout, mlflow_store, tiny_config, corpus, capsys):
+    code = run_main("sweep", "--config", str(tiny_config), "--data.path", str(corpus), "--sweep.timeout", timeout,
+                    "--sweep.space", json.dumps(LR_RANGE))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"sweep.timeout={float(timeout)} must be a positive number of seconds" in err[0], err
+    assert not Path("optuna.db").exists()
+
+
 BAD_SPACES = {
     "unknown-key": ({"model.learnin_rate": {"low": 1e-4, "high": 1e-2}}, "model.learnin_rate is not a config key"),
     "low-above-high": ({"model.learning_rate": {"low": 1e-2, "high": 1e-4}}, "low 0.01 > high 0.0001"),

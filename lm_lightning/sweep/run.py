@@ -124,6 +124,8 @@ class Sweep:
         self.settings = settings
         if settings.n_trials < 1:
             raise SweepError(f"sweep.n_trials={settings.n_trials} must be at least 1 (the trials to run now)")
+        if settings.timeout is not None and settings.timeout <= 0:
+            raise SweepError(f"sweep.timeout={settings.timeout} must be a positive number of seconds, or unset for no limit")
         self.space = build_space(settings.space)
         if settings.target is not None and settings.direction == "maximize":
             raise SweepError("sweep.target: the objective is then seconds to the target, for a metric that is minimized")
