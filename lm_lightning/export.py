@@ -134,7 +134,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             for shard in _shards(folder, index):
                 weights.update(read(shard))
             return weights
-    raise OSError(f"it has no {WEIGHTS} (nor {WEIGHTS_INDEX} with its shards)")
+    raise ExportError(f"cannot load {folder}: it has no {WEIGHTS} (nor {WEIGHTS_INDEX} with its shards)")
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -177,7 +177,8 @@ def load_model(folder: str | Path, config: GPTConfig | None = None) -> GPT:
     except ExportError:
         raise
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: a truncated file, a lying header
-        raise ExportError(f"cannot load {folder}: not a transformers model folder ({e})") from None
+        raise ExportError(f"cannot load {folder}: its weights cannot be read ({e}); the file is damaged or incomplete, "
+                          "copy or download the model's weight files again") from None
     check_size(config, weights, folder)
     with skip_init():  # every weight is loaded next
         model = GPT(config)

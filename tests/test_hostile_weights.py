@@ -119,8 +119,9 @@ def edit_config(model, **changes):
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"num_hidden_layers": "two"}, "is not of type int"),
-    ({"num_attention_heads": None}, "config.json"),
+    ({"num_hidden_layers": "two"}, "config.json num_hidden_layers='two' must be an integer"),
+    ({"num_attention_heads": None}, "config.json num_attention_heads=None must be an integer"),
+    ({"hidden_size": 32.0}, "config.json hidden_size=32.0 must be an integer"),
     ({"vocab_size": 10**9}, "needs at least"),
     ({"num_hidden_layers": 10**6}, "needs at least"),
     ({"intermediate_size": 10**10}, "needs at least"),
@@ -145,7 +146,7 @@ def test_truncated_weights(llama, tmp_path, capsys, size):
     model = copy(llama, tmp_path)
     data = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(data[: len(data) // 2 if size == "half" else size])
-    generate_fails(capsys, model, "cannot load", "not a transformers model folder")
+    generate_fails(capsys, model, "cannot load", "its weights cannot be read", "download the model's weight files again")
 
 
 def test_a_header_that_declares_more_than_the_file_holds(llama, tmp_path, capsys):
@@ -157,7 +158,7 @@ def test_a_header_that_declares_more_than_the_file_holds(llama, tmp_path, capsys
     header[name]["data_offsets"][1] = 10**15
     text = json.dumps(header).encode()
     (model / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
-    generate_fails(capsys, model, "cannot load", "not a transformers model folder")
+    generate_fails(capsys, model, "cannot load", "its weights cannot be read", "download the model's weight files again")
 
 
 @pytest.mark.parametrize("changes, expected", [

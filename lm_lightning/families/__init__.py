@@ -42,6 +42,12 @@ def family_of(config: GPTConfig) -> Family:
     return FAMILIES["qwen3" if config.qk_norm else "llama"]
 
 
+INTEGER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions")
+"""Shape settings that are integers whenever present (``head_dim``, ``num_key_value_heads``, GPT-2's ``n_inner`` may be
+``null``: derived)."""
+
+
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     """Our config for a transformers ``config.json``, with its ``family`` recorded; a ``ValueError`` (one line,
     naming the key) for what our model cannot express: another ``model_type``, mixture-of-experts, a vision tower,
@@ -50,6 +56,9 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         if hf.get(key):
             raise ValueError(f"{key}={hf[key] if not isinstance(hf[key], dict) else '{...}'} ({what}) is not supported; "
                              "only dense decoder-only text models are")
+    for key in INTEGER_KEYS:
+        if key in hf and (not isinstance(hf[key], int) or isinstance(hf[key], bool)):
+            raise ValueError(f"config.json {key}={hf[key]!r} must be an integer; the file is damaged, use the model's own")
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
