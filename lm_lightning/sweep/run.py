@@ -124,8 +124,8 @@ class Sweep:
         self.settings = settings
         if settings.n_trials < 1:
             raise SweepError(f"sweep.n_trials={settings.n_trials} must be at least 1 (the trials to run now)")
-        if settings.timeout is not None and settings.timeout <= 0:
-            raise SweepError(f"sweep.timeout={settings.timeout} must be a positive number of seconds, or unset for no limit")
+        if settings.timeout is not None and settings.timeout < 0:
+            raise SweepError(f"sweep.timeout={settings.timeout} must be >= 0 seconds (0: record the study, run no trial), or unset for no limit")
         self.space = build_space(settings.space)
         if settings.target is not None and settings.direction == "maximize":
             raise SweepError("sweep.target: the objective is then seconds to the target, for a metric that is minimized")
@@ -236,6 +236,8 @@ class Sweep:
         if status == "KILLED":
             print("sweep stopped: rerun the same command to continue the study", file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT_CODE)
+        if not ran:
+            print(f"no trial started: sweep.timeout={self.settings.timeout} s had passed; the study and its MLflow run are recorded")
         failed = [t for t in self.study.get_trials(deepcopy=False) if t.number in ran and t.state == TrialState.FAIL]
         if ran and len(failed) == len(ran):
             print(f"error: all {len(ran)} trials of this sweep failed (trial {failed[0].number}: "

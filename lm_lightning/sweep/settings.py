@@ -36,7 +36,8 @@ class SweepSettings:
             trial stops there); a trial that never reaches it is recorded as pruned, so it ranks below every
             trial that does.
         n_trials: Trials to run now; rerunning the same command runs this many more in the same study.
-        timeout: Start no new trial after this many seconds (the trial in flight finishes). Unset: no limit.
+        timeout: Start no new trial after this many seconds (the trial in flight finishes); 0 checks and records the
+            study and runs no trial. Unset: no limit.
         name: Study name (and the parent MLflow run's name). Unset: the name of the config file with the
             ``sweep:`` section, else of the last config file.
         pruner: ``median``: stop a trial whose metric is worse than the median of earlier trials at the same
