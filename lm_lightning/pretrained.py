@@ -95,8 +95,8 @@ def load_source(path: str | Path, require_chat_template: bool = False) -> tuple[
 def init_config(source: GPTConfig, given: Mapping[str, Any], path: str) -> GPTConfig:
     """The config to fine-tune ``source`` with, given the model fields a user set (``given``: only those).
 
-    The rule: a field not given (or given as ``None``, unset) takes the source's value; a field given must equal the source's, or it is a
-    :class:`ConfigError` naming both values. Two exceptions: ``dropout`` is the user's (a training setting), and
+    The rule: a field not given (or given as ``None``, unset) takes the source's value; a field given must equal the
+    source's, or it is a :class:`ConfigError` naming both values. Two exceptions: ``dropout`` is the user's (a training setting), and
     ``block_size`` may be smaller than the source's (the model then reads shorter windows; a learned position table
     is cut to its first ``block_size`` rows).
     """

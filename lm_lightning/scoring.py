@@ -4,8 +4,8 @@ so the command needs only ``--ckpt_path`` and ``--data.path``."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
