@@ -2,7 +2,8 @@
 OLMo 2 and modded-nanoGPT style by configuration (``lm_lightning.families`` maps each transformers family onto
 these fields).
 
-This file imports nothing but torch, so the model can be read, tested and exported on its own.
+This file imports nothing but torch (and head_loss.py, the head's loss, torch only too), so the model
+can be read, tested and exported on its own.
 Every block is ``x + post(attn(pre(x)))`` then ``x + post(mlp(pre(x)))``: pre-norm by default (GPT-2, Llama),
 post-norm (OLMo 2) or both (Gemma 3) by configuration. Attention runs through
 ``F.scaled_dot_product_attention``, which picks a fused flash or memory-efficient kernel where the
@@ -26,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from lm_lightning.head_loss import head_cross_entropy
 
 CHOICES = {
     "pos_embedding": ("learned", "rope"),
@@ -626,13 +629,24 @@ class GPT(nn.Module):
         t = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * t
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        targets: torch.Tensor | None = None,
+        target_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` of shape ``(B, T)``.
 
         With a ``cache``, ``idx`` continues the sequence already in it, at positions from
         ``cache.length``, and the cache is advanced. With ``last_only``, logits of the last position
         only, ``(B, 1, vocab_size)``: generation needs no others, and the head is the largest matmul
         of a prefill.
+
+        With ``targets`` ``(B, T)``, no logits but the training loss: ``(loss, losses)``, the sum of
+        ``target_weights * losses`` (default: the mean) and the per-position cross-entropies ``(B * T,)``,
+        computed a slice of positions at a time (head_loss.py), so that the batch's logits never exist whole.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -666,7 +680,14 @@ class GPT(nn.Module):
                 cache.lengths = cache.lengths + T
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            weights = None if target_weights is None else target_weights.reshape(-1)
+            # The head's weight is read inside forward, where FSDP has gathered it.
+            return head_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), weights, self.config.logit_softcap
+            )
+        logits = self.lm_head(x)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)

@@ -9,7 +9,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
@@ -211,18 +210,21 @@ class LanguageModel(L.LightningModule):
 
     def _token_losses(
         self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-target losses, the targets and, for a batch of conversations ``(ids, trained)``, which targets count."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The loss to train on, the per-target losses, the targets and, for a batch of conversations
+        ``(ids, trained)``, which targets count (the loss is then the mean over those)."""
         ids, trained = batch if isinstance(batch, (tuple, list)) else (batch, None)
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        logits = self.model(inputs)
-        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-        return losses, targets.reshape(-1), None if trained is None else trained[:, 1:].reshape(-1)
+        weights = None
+        if trained is not None:
+            trained = trained[:, 1:].reshape(-1)
+            # A batch whose conversations have no target left (all cut off) gives 0, not 0/0.
+            weights = trained / trained.sum().clamp(min=1)
+        loss, losses = self.model(inputs, targets=targets, target_weights=weights)
+        return loss, losses, targets.reshape(-1), trained
 
     def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        losses, _, trained = self._token_losses(batch)
-        # A batch whose conversations have no target left (all cut off) gives 0, not 0/0.
-        loss = losses.mean() if trained is None else (losses * trained).sum() / trained.sum().clamp(min=1)
+        loss = self._token_losses(batch)[0]
         # A device sync each step: the price of stopping or skipping a bad batch before it reaches the weights.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._nonfinite_loss(loss)
@@ -253,7 +255,7 @@ class LanguageModel(L.LightningModule):
         return None
 
     def validation_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        losses, targets, trained = self._token_losses(batch)
+        _, losses, targets, trained = self._token_losses(batch)
         if trained is not None:  # conversations: the assistant's tokens only
             losses, targets = losses[trained], targets[trained]
         self.val_nats.update(losses.sum())

@@ -143,8 +143,9 @@ def test_the_loss_and_validation_count_the_assistant_tokens_only():
     logits = module.model(ids[:, :-1])
     losses = F.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1), reduction="none")
     keep = trained[:, 1:].reshape(-1)
-    got, targets, mask = module._token_losses((ids, trained))
+    loss, got, targets, mask = module._token_losses((ids, trained))
     assert torch.equal(mask, keep)
+    assert torch.allclose(loss, losses[keep].mean())  # what training steps on: the mean over the assistant's tokens
     module.validation_step((ids, trained), 0)
     assert module.val_tokens.compute() == keep.sum()
     assert torch.allclose(module.val_nats.compute(), losses[keep].sum())

@@ -106,8 +106,8 @@ def _nan_at(monkeypatch, steps: set[int]) -> None:
     real = LanguageModel._token_losses
 
     def losses(self, batch):
-        out, targets, trained = real(self, batch)
-        return (out * float("nan") if self.training and self.global_step in steps else out), targets, trained
+        loss, losses, targets, trained = real(self, batch)
+        return (loss * float("nan") if self.training and self.global_step in steps else loss), losses, targets, trained
 
     monkeypatch.setattr(LanguageModel, "_token_losses", losses)
 
