@@ -22,7 +22,7 @@ from lm_lightning.evaluate import evaluate_model, log_evaluation
 from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling, TextGenerator, check_num_samples
 from lm_lightning.lora import export_adapter
-from lm_lightning.pretrained import load_source
+from lm_lightning.pretrained import SourceInfo, load_source
 from lm_lightning.serving.limits import Limits
 
 
@@ -283,7 +283,7 @@ def serve(
     import uvicorn
 
     from lm_lightning.serving.app import Server, create_app
-    from lm_lightning.serving.engine import Engine
+    from lm_lightning.serving.engine import Engine, in_passing_thread
 
     if not 1 <= port <= 65535:
         raise UserError(f"port={port} must be in 1 to 65535")
@@ -297,8 +297,12 @@ def serve(
     api_key = api_key or os.environ.get(API_KEY_VARIABLE) or None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, info = load_source(ckpt_path)
-    generator = TextGenerator(model.to(device), tokenizer, info.stop_tokens)
+
+    def load() -> tuple[TextGenerator, SourceInfo]:
+        model, tokenizer, info = load_source(ckpt_path)
+        return TextGenerator(model.to(device), tokenizer, info.stop_tokens), info
+
+    generator, info = in_passing_thread(load)  # this thread computes nothing: the engine's thread has the cores
     name = model_name or Path(ckpt_path).resolve().name
     server = Server(Engine(generator, max_batch), name, limits, api_key, info.chat_template)
     print(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", file=sys.stderr, flush=True)

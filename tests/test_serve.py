@@ -19,10 +19,11 @@ import torch
 
 from conftest import CHINESE, english_text
 from lm_lightning.chat_template import load_chat_template
+from lm_lightning.errors import UserError
 from lm_lightning.export import export_pretrained
 from lm_lightning.generate import Sampling, TextGenerator
 from lm_lightning.model import GPT, GPTConfig, KVCache
-from lm_lightning.serving.engine import Engine, Event, Request
+from lm_lightning.serving.engine import Engine, Event, Request, in_passing_thread
 from lm_lightning.tokenizer import train_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -144,6 +145,24 @@ def test_engine_rows_that_join_mid_generation_decode_as_alone(model_folder):
     engine.stop()
     assert joined_at == [1, 2, 3]  # each request joined while the others were decoding
     assert texts == want
+
+
+def test_the_model_loads_in_a_thread_that_ends(model_folder):
+    """serve loads in a thread of its own so that the main thread never owns an OpenMP team: the load's result or its
+    error comes back as it is, and the thread is gone afterwards."""
+    loaded_in = []
+
+    def load() -> TextGenerator:
+        loaded_in.append(threading.current_thread())
+        return TextGenerator.load(model_folder)
+
+    def fail() -> None:
+        raise UserError("no such folder")
+
+    assert isinstance(in_passing_thread(load), TextGenerator)
+    assert loaded_in[0] is not threading.main_thread() and not loaded_in[0].is_alive()
+    with pytest.raises(UserError, match="no such folder"):
+        in_passing_thread(fail)
 
 
 def test_models_completions_and_usage(client, model_folder):
