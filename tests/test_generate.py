@@ -4,7 +4,7 @@ strings, the end-of-text token, streaming that never splits a Chinese character.
 import pytest
 import torch
 
-from lm_lightning.generate import TextGenerator, TextStream, generate_tokens
+from lm_lightning.generate import TextGenerator, TextStream, generate_tokens, next_token
 from lm_lightning.model import GPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +57,16 @@ def test_same_seed_same_text_and_samples_differ(generator):
     assert first == generator.generate("The ", **kwargs)
     assert len(set(first)) > 1
     assert first != generator.generate("The ", **{**kwargs, "seed": 12})
+
+
+def test_samples_follow_the_distribution_and_never_a_token_of_probability_zero():
+    """Each row's draw is categorical with the softmax's probabilities: frequencies over 100k rows within 1%, and the
+    tokens masked to -inf (the UTF-8 guard's) never come, whatever their place, first or last."""
+    probs = torch.tensor([0.0, 0.1, 0.6, 0.0, 0.3, 0.0])
+    logits = probs.log().expand(100_000, -1)
+    tokens = next_token(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.bincount(tokens, minlength=6) / len(tokens), probs, atol=0.01)
+    assert not torch.isin(tokens, torch.tensor([0, 3, 5])).any()
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(generator):
