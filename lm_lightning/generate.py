@@ -189,11 +189,21 @@ class Utf8Guard:
             self._on[device] = (self.after.to(device), self.blocked.to(device), self.last_blocked.to(device))
         return self._on[device]
 
-    def mask(self, logits: torch.Tensor, states: torch.Tensor, last: bool = False) -> torch.Tensor:
+    def mask(
+        self, logits: torch.Tensor, states: torch.Tensor, last: bool | torch.Tensor = False, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``logits`` ``(B, V)`` with ``-inf`` for the tokens each row's state ``states`` ``(B,)`` does not allow
-        (on the ``last`` step, also for those that would leave a character unfinished, where another is allowed)."""
+        (on the ``last`` step, also for those that would leave a character unfinished, where another is allowed).
+        Per row (a server's batch): ``last`` ``(B,)`` says which rows are on their last step, and only ``rows``
+        ``(B,)`` (bool) are guarded."""
         _, blocked, last_blocked = self._tables(logits.device)
-        return logits.masked_fill((last_blocked if last else blocked)[states], float("-inf"))
+        if isinstance(last, torch.Tensor):
+            block = torch.where(last[:, None], last_blocked[states], blocked[states])
+        else:
+            block = (last_blocked if last else blocked)[states]
+        if rows is not None:
+            block &= rows[:, None]
+        return logits.masked_fill(block, float("-inf"))
 
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The decoder state of each row after its token."""

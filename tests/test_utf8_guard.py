@@ -191,6 +191,17 @@ def test_end_of_text_waits_for_a_character_boundary(random_generator):
     assert picked[0] == eot and (picked[1:] != eot).all()
 
 
+def test_a_batch_masks_each_row_as_alone(random_generator):
+    """A server's batch: per-row last steps and per-row guards give each row the mask it gets alone (unguarded: none)."""
+    guard = random_generator.utf8_guard
+    lead = random_generator.table.index(next(b for b in random_generator.table if len(b) == 1 and b[0] >= 0xE0))
+    states = guard.advance(torch.full((4,), BOUNDARY), torch.tensor([0, lead, lead, lead]))
+    logits = torch.randn(4, len(random_generator.table))
+    last, rows = torch.tensor([False, False, True, True]), torch.tensor([True, True, True, False])
+    want = [guard.mask(logits[i : i + 1], states[i : i + 1], last=bool(last[i])) if rows[i] else logits[i : i + 1] for i in range(4)]
+    assert torch.equal(guard.mask(logits, states, last, rows), torch.cat(want))
+
+
 def test_cli_generate_valid_utf8_flag(random_generator, tmp_path, capsys):
     folder = export_pretrained(random_generator.model, random_generator.tokenizer, tmp_path / "model")
     outputs = {}

@@ -170,8 +170,7 @@ class Engine:
             guard = self.generator.utf8_guard
             states = torch.tensor([row.state for row in self.rows], device=self.device)
             last = torch.tensor([row.tokens + 1 == row.request.sampling.max_new_tokens for row in self.rows], device=self.device)
-            masked = torch.where(last[:, None], guard.mask(logits, states, last=True), guard.mask(logits, states))
-            logits = torch.where(torch.tensor(guarded, device=self.device)[:, None], masked, logits)
+            logits = guard.mask(logits, states, last, None if all(guarded) else torch.tensor(guarded, device=self.device))
         # One draw per group of rows with the same settings; a seeded request draws from its own generator.
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(self.rows):
