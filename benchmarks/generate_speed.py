@@ -3,6 +3,7 @@
     python benchmarks/generate_speed.py                              # a fresh model of conf/default.yaml's shape
     python benchmarks/generate_speed.py --ckpt_path runs/.../best.ckpt
     python benchmarks/generate_speed.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50257
+    python benchmarks/generate_speed.py --device cuda --batch_sizes 1 32 --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50257
 
 Prefill and decode are timed apart, at batch 1 and 8, as the median of ``--repeats`` runs after a
 warm-up: prefill is generating 1 token, decode is the time of the other ``max_new_tokens - 1``
@@ -36,12 +37,15 @@ def fresh_generator(args: argparse.Namespace) -> TextGenerator:
 
 
 def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
+    def timed() -> float:
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a GPU's kernels run after the Python that queued them
+        return time.perf_counter() - start
+
+    timed()  # warm-up
+    times = [timed() for _ in range(repeats)]
     return statistics.median(times)
 
 
@@ -53,7 +57,7 @@ def ours(model: GPT, prompt: torch.Tensor, batch: int, new_tokens: int) -> None:
 def theirs(model, prompt: torch.Tensor, batch: int, new_tokens: int) -> None:
     model.generate(
         prompt[None].expand(batch, -1),
-        attention_mask=torch.ones(batch, len(prompt), dtype=torch.long),
+        attention_mask=torch.ones(batch, len(prompt), dtype=torch.long, device=prompt.device),
         do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
     )
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads; unset: torch's default (one per core)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,17 +98,17 @@ def main() -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     ours_gen = TextGenerator.load(args.ckpt_path) if args.ckpt_path else fresh_generator(args)
-    model = ours_gen.model
+    model = ours_gen.model.to(args.device)
     config = model.config
     if args.prompt_tokens + args.max_new_tokens > config.block_size:
         parser.error(f"prompt_tokens + max_new_tokens must fit in block_size={config.block_size}")
     with tempfile.TemporaryDirectory() as folder:
         export_pretrained(model, ours_gen.tokenizer, folder)
-        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
-    prompt = torch.randint(0, len(ours_gen.table), (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval().to(args.device)
+    prompt = torch.randint(0, len(ours_gen.table), (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).to(args.device)
 
     shape = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
-    print(f"model {shape}, {model.num_params() / 1e6:.1f}M parameters, torch {torch.__version__}, "
+    print(f"model {shape}, {model.num_params() / 1e6:.1f}M parameters, torch {torch.__version__}, device {args.device}, "
           f"{torch.get_num_threads()} threads, prompt {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens")
     print(f"{'batch':>5} {'phase':>8} {'ours tok/s':>11} {'hf tok/s':>11} {'ours/hf':>8}")
     results = []
@@ -114,7 +119,7 @@ def main() -> None:
             key = f"{phase}_tokens_per_s"
             print(f"{batch:>5} {phase:>8} {a[key]:>11.0f} {b[key]:>11.0f} {a[key] / b[key]:>7.2f}x")
         results.append({"batch": batch, "ours": a, "transformers": b})
-    print(json.dumps({"shape": shape, "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
+    print(json.dumps({"shape": shape, "device": args.device, "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
                       "threads": torch.get_num_threads(), "results": results}))
 
 

@@ -4,6 +4,7 @@
     python benchmarks/lora.py --part speed --steps 30 --precision bf16-mixed   # LoRA's base held in bf16
     MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/lora.py --part speed ...  # RSS that follows live tensors
     python benchmarks/lora.py --part quality --steps 200  # ours trained on Tiny Shakespeare, fine-tuned on the built-in corpus
+    python benchmarks/lora.py --part speed --shape qwen3-0.6b --accelerator gpu --precision bf16-mixed   # on a GPU
 
 ``speed``: a random 124M-parameter GPT-2 folder (``GPT2Config()`` shape, 50257 embedding rows, a 4096-token
 byte-level BPE) is fine-tuned for ``--steps`` steps, fully and with LoRA (r=8 on attention and MLP), each in its own
@@ -24,10 +25,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pretrained import corpus_text, fit, gpt2_folder  # a sibling script, as ``python benchmarks/lora.py`` runs
+from pretrained import corpus_text, fit, random_folder  # a sibling script, as ``python benchmarks/lora.py`` runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+SHAPES = {
+    "gpt2-124m": dict(vocab_rows=50257),  # GPT2Config()'s defaults otherwise: 12 x 768, 1024 positions
+    "qwen3-0.6b": dict(family="qwen3", vocab_rows=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
 
 
 def newest_checkpoint(workdir: Path) -> Path:
@@ -46,13 +55,13 @@ def speed_part(a: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folder = gpt2_folder(tmp / "gpt2-124m", 4096, vocab_rows=50257)
+        folder = random_folder(tmp / a.shape, 4096, **{**SHAPES[a.shape], **({"num_hidden_layers": a.n_layer} if a.n_layer else {})})
         (tmp / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
         common = ["--model.init_from", str(folder), "--data.path", str(tmp / "corpus.txt"), "--data.batch_size", "8",
                   "--model.block_size", "256", "--trainer.max_steps", str(a.steps), "--trainer.val_check_interval", str(a.steps),
                   "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.precision", a.precision,
                   "--trainer.enable_progress_bar", "false", "--samples.prompts", "[]", "--model.warmup_steps", "0",
-                  "--trainer.logger.init_args.log_model", "false"]
+                  "--trainer.logger.init_args.log_model", "false", "--trainer.accelerator", a.accelerator]
         lora = ["--model.lora_r", "8", "--model.lora_targets", "[attention, mlp]"]
         if a.precision == "bf16-mixed":
             lora += ["--model.base_dtype", "bfloat16"]
@@ -97,6 +106,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--pretrain_steps", type=int, default=300)
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true", help="speed part only")
+    parser.add_argument("--shape", choices=SHAPES, default="gpt2-124m", help="speed part only: the random folder's shape")
+    parser.add_argument("--n_layer", type=int, help="speed part only: fewer layers than the shape's (a quick check)")
+    parser.add_argument("--accelerator", default="cpu", help="speed part only: cpu, gpu")
     a = parser.parse_args()
     rows = speed_part(a) if a.part == "speed" else quality_part(a)
     for row in rows:

@@ -41,17 +41,20 @@ def corpus_text() -> str:
     return "\n".join(topics[k] for k in sorted(topics))
 
 
-def gpt2_folder(folder: Path, vocab_size: int, **shape) -> Path:
-    """A random transformers GPT-2 folder with a byte-level BPE of ``vocab_size`` tokens trained on the built-in corpus."""
+def random_folder(folder: Path, vocab_size: int, family: str = "gpt2", **shape) -> Path:
+    """A random transformers folder (GPT-2, or ``family="qwen3"`` with ``shape`` its ``Qwen3Config`` keys) with a
+    byte-level BPE of ``vocab_size`` tokens trained on the built-in corpus."""
     import transformers
 
     from lm_lightning.tokenizer import EOT, train_tokenizer
 
     tokenizer = train_tokenizer([corpus_text()], vocab_size)
     eot = tokenizer.token_to_id(EOT)
-    config = transformers.GPT2Config(vocab_size=shape.pop("vocab_rows", tokenizer.get_vocab_size()), bos_token_id=eot, eos_token_id=eot, **shape)
+    config_class, model_class = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=shape.pop("vocab_rows", tokenizer.get_vocab_size()), bos_token_id=eot, eos_token_id=eot, **shape)
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    getattr(transformers, model_class)(config).save_pretrained(folder)
     (folder / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
     # The generic fast tokenizer reads tokenizer.json as it is (GPT2TokenizerFast would rebuild GPT-2's pre-tokenizer).
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT}
@@ -60,7 +63,8 @@ def gpt2_folder(folder: Path, vocab_size: int, **shape) -> Path:
 
 
 def fit(args: list[str], workdir: Path, experiment: str) -> dict:
-    """Run ``lm-lightning fit`` in a child process; its median tokens/s (MLflow) and peak RSS (MB)."""
+    """Run ``lm-lightning fit`` in a child process; its median tokens/s (MLflow), peak RSS (MB), and on a GPU the peak of
+    its tensors (``train/peak_memory_mb``)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -78,7 +82,10 @@ def fit(args: list[str], workdir: Path, experiment: str) -> dict:
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
-    return {"tokens_per_s": statistics.median(rates[1:] or rates), "peak_rss_mb": peak_kb / 1024}
+    row = {"tokens_per_s": statistics.median(rates[1:] or rates), "peak_rss_mb": peak_kb / 1024}
+    if gpu := client.get_metric_history(run.info.run_id, "train/peak_memory_mb"):  # logged on a GPU only
+        row["peak_gpu_mb"] = gpu[-1].value
+    return row
 
 
 def finetune_part(a: argparse.Namespace) -> list[dict]:
@@ -86,7 +93,7 @@ def finetune_part(a: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folder = gpt2_folder(tmp / "gpt2", a.vocab_size, n_positions=a.block_size, **shape)
+        folder = random_folder(tmp / "gpt2", a.vocab_size, n_positions=a.block_size, **shape)
         (tmp / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
         common = ["--data.path", str(tmp / "corpus.txt"), "--data.batch_size", str(a.batch_size), "--model.block_size", str(a.block_size),
                   "--trainer.max_steps", str(a.steps), "--trainer.val_check_interval", str(a.steps), "--trainer.limit_val_batches", "1",
@@ -108,7 +115,7 @@ def gpt2_part(a: argparse.Namespace) -> list[dict]:
     prompt_text = "我爱北京天安门"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = gpt2_folder(Path(tmp) / "gpt2-124m", 4096, vocab_rows=50257)  # GPT2Config() defaults otherwise
+        folder = random_folder(Path(tmp) / "gpt2-124m", 4096, vocab_rows=50257)  # GPT2Config() defaults otherwise
         loaded = {}
 
         def load(name, function) -> float:  # the faster of two loads: the first also pays one-time import costs

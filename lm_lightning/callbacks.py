@@ -28,7 +28,8 @@ from lm_lightning.tracking.records import BestScores, log_samples  # noqa: F401 
 
 class TokensPerSecond(L.Callback):
     """Logs ``train/tokens_per_s`` and ``train/mfu`` (model FLOPs utilisation) over each
-    ``log_every_n_steps`` window of training, validation excluded, and at each validation ``train/seconds``:
+    ``log_every_n_steps`` window of training, validation excluded (on a GPU also ``train/peak_memory_mb``, the most its
+    tensors have held so far: ``torch.cuda.max_memory_allocated``), and at each validation ``train/seconds``:
     the seconds spent training so far (validation, samples and saves excluded; continued on resume), the
     time a run needed to reach its validation scores whatever its validation schedule.
 
@@ -88,6 +89,9 @@ class TokensPerSecond(L.Callback):
                     self._peak = peak_flops(pl_module.device, precision_dtype(trainer.precision), flops)[0]
                 pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
                 pl_module.log("train/mfu", flops / self._peak, rank_zero_only=True)
+                if pl_module.device.type == "cuda":
+                    peak_mb = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+                    pl_module.log("train/peak_memory_mb", peak_mb, rank_zero_only=True)
             self._reset()
 
 
