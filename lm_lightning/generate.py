@@ -84,11 +84,15 @@ def next_token(
 ) -> torch.Tensor:
     """One token id per row of ``logits`` ``(B, V)``: the most likely at temperature 0, else a sample
     from the ``top_k`` most likely tokens and the smallest set of them whose probability reaches ``top_p``."""
-    scaled = logits.float() / temperature if temperature else logits
-    # Greedy at 0, and at a temperature so small that the scaled logits overflow (1e-38): the limit is the same.
-    if temperature == 0 or not torch.isfinite(scaled[torch.isfinite(logits)]).all():
+    if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = scaled
+    # A row whose scaled logits overflow to +inf (a temperature of 1e-38) is greedy: the limit is the same. Chosen
+    # per row after sampling, with no test in Python: no boolean indexing, no device sync.
+    greedy, scaled = logits.argmax(dim=-1), logits.float() / temperature
+    return torch.where(torch.isposinf(scaled).any(dim=-1), greedy, _sample(scaled, top_k, top_p, generator))
+
+
+def _sample(logits: torch.Tensor, top_k: int | None, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
