@@ -24,7 +24,7 @@ check() {  # check NAME SECONDS COMMAND...: run it under a time limit, keep its 
   shift 2
   case " ${CHECKS:-train lora generate serve} " in *" $name "*) ;; *) STATUS[$name]="skipped"; return ;; esac
   echo "== $name (at most ${limit} s)"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v "Warning" | tee "$LOG/$name.txt"
+  PYTHONUNBUFFERED=1 timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v "Warning" | tee "$LOG/$name.txt"  # kept if timed out
   local rc=${PIPESTATUS[0]}
   case $rc in 0) STATUS[$name]="ran" ;; 124|137) STATUS[$name]="timed out after ${limit} s" ;; *) STATUS[$name]="failed (exit $rc)" ;; esac
 }
@@ -38,3 +38,4 @@ check serve 90 "$PY" benchmarks/serve_load.py --shape 124m --device cuda --max_t
 
 echo "== checks"
 for name in train lora generate serve; do echo "$name: ${STATUS[$name]}"; done | tee "$LOG/checks.txt"
+! grep -qv ": ran$\|: skipped$" "$LOG/checks.txt"  # the exit status: 1 if a check failed or timed out

@@ -84,7 +84,7 @@ def fit(args: list[str], workdir: Path, experiment: str) -> dict:
     rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
     row = {"tokens_per_s": statistics.median(rates[1:] or rates), "peak_rss_mb": peak_kb / 1024}
     if gpu := client.get_metric_history(run.info.run_id, "train/peak_memory_mb"):  # logged on a GPU only
-        row["peak_gpu_mb"] = gpu[-1].value
+        row["peak_gpu_mb"] = max(m.value for m in gpu)
     return row
 
 

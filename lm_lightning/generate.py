@@ -86,10 +86,11 @@ def next_token(
     from the ``top_k`` most likely tokens and the smallest set of them whose probability reaches ``top_p``."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    # A row whose scaled logits overflow to +inf (a temperature of 1e-38) is greedy: the limit is the same. Chosen
-    # per row after sampling, with no test in Python: no boolean indexing, no device sync.
+    # A row whose scaled logits overflow (a temperature of 1e-38: its largest to +inf, or all of them to -inf, so that
+    # softmax is NaN) is greedy: the limit is the same. Chosen per row after sampling, with no test in Python: no
+    # boolean indexing, no device sync.
     greedy, scaled = logits.argmax(dim=-1), logits.float() / temperature
-    return torch.where(torch.isposinf(scaled).any(dim=-1), greedy, _sample(scaled, top_k, top_p, generator))
+    return torch.where(torch.isfinite(scaled.amax(dim=-1)), _sample(scaled, top_k, top_p, generator), greedy)
 
 
 def _sample(logits: torch.Tensor, top_k: int | None, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -22,9 +22,15 @@ def test_prompt_file_reaches_the_model_byte_for_byte(tmp_path):
 
 
 def test_a_temperature_that_underflows_is_greedy():
+    """Scaled by 1/1e-38 a row's largest logit overflows to +inf, or (all negative, the others masked as the UTF-8
+    guard does) every logit to -inf: either way the greedy token, never an id past the vocabulary."""
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    logits[2] = -5.0 - torch.rand(50, generator=torch.Generator().manual_seed(1))
+    logits[3, 10:] = float("-inf")
+    logits[3, :10] = -logits[3, :10].abs() - 3
     Sampling(temperature=1e-38)  # accepted
-    assert torch.equal(next_token(logits, temperature=1e-38), logits.argmax(dim=-1))
+    for top_k, top_p in ((None, 1.0), (5, 1.0), (None, 0.9)):
+        assert torch.equal(next_token(logits, temperature=1e-38, top_k=top_k, top_p=top_p), logits.argmax(dim=-1))
 
 
 @pytest.fixture(scope="module")
