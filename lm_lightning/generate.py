@@ -186,12 +186,12 @@ class Utf8Guard:
         """``(8, V)``: the tokens each state does not allow."""
         self.last_blocked = torch.from_numpy(last_blocked)
         """``(8, V)``: the same on a sample's last step, which also blocks tokens that leave a character unfinished."""
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The three tables on ``device``, copied there once."""
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``after`` and ``[blocked, last_blocked]`` stacked ``(2, 8, V)``, on ``device``, copied there once."""
         if device not in self._on:
-            self._on[device] = (self.after.to(device), self.blocked.to(device), self.last_blocked.to(device))
+            self._on[device] = (self.after.to(device), torch.stack([self.blocked, self.last_blocked]).to(device))
         return self._on[device]
 
     def mask(
@@ -201,18 +201,15 @@ class Utf8Guard:
         (on the ``last`` step, also for those that would leave a character unfinished, where another is allowed).
         Per row (a server's batch): ``last`` ``(B,)`` says which rows are on their last step, and only ``rows``
         ``(B,)`` (bool) are guarded."""
-        _, blocked, last_blocked = self._tables(logits.device)
-        if isinstance(last, torch.Tensor):
-            block = torch.where(last[:, None], last_blocked[states], blocked[states])
-        else:
-            block = (last_blocked if last else blocked)[states]
+        _, blocks = self._tables(logits.device)
+        block = blocks[torch.as_tensor(last, device=states.device).long(), states]  # one gather, whichever table each row needs
         if rows is not None:
             block &= rows[:, None]
         return logits.masked_fill(block, float("-inf"))
 
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The decoder state of each row after its token."""
-        after, _, _ = self._tables(states.device)
+        after, _ = self._tables(states.device)
         return after[states, tokens]
 
 
