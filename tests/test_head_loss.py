@@ -74,7 +74,7 @@ def test_no_tensor_of_the_whole_batchs_logits_is_kept_for_backward():
     torch.manual_seed(0)
     vocab, n = 4096, 2 * 64
     model = GPT(GPTConfig(vocab_size=vocab, block_size=64, n_layer=1, n_head=2, n_embd=32))
-    assert head_loss.SLICE_ELEMENTS >= n * vocab  # one slice: what is kept, not the slicing, is under test
+    assert head_loss.slice_rows(vocab, 32) >= n  # one slice: what is kept, not the slicing, is under test
     sizes = []
 
     def pack(t):
@@ -106,3 +106,10 @@ def test_under_bf16_autocast_the_loss_is_the_plain_ones(small_slices):
         hidden.grad = weight.grad = None
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_a_slice_has_the_heads_size_in_logits_within_its_bounds():
+    assert head_loss.slice_rows(8192, 128) == 128  # the speedrun's head: 4 MB of logits a slice, in cache
+    assert head_loss.slice_rows(1024, 256) == 1024  # a small vocabulary: at least CACHED_SLICE_ELEMENTS logits
+    assert head_loss.slice_rows(50257, 768) == 2**24 // 50257  # GPT-2's head: at most SLICE_ELEMENTS
+    assert head_loss.slice_rows(2**25, 64) == 1
