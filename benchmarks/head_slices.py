@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -27,31 +28,40 @@ def main() -> None:
     torch.manual_seed(0)
     slice_rows = head_loss.slice_rows
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms (rows per slice: ms)")
-    for shape in args.shapes:
-        n, n_embd, vocab = (int(x) for x in shape.split("x"))
-        chosen = slice_rows(vocab, n_embd)
-        one = min(n, head_loss.SLICE_ELEMENTS // vocab)
-        rows = sorted({chosen, one, max(1, chosen // 2), min(n, chosen * 2)})
-        for grad in (False, True):
-            hidden = torch.randn(n, n_embd, requires_grad=grad)
-            weight = (torch.randn(vocab, n_embd) * 0.05).requires_grad_(grad)
-            targets = torch.randint(0, vocab, (n,))
-            times: dict[int, list[float]] = {r: [] for r in rows}
-            for repeat in range(args.repeats + 2):
-                for r in rows:
-                    head_loss.slice_rows = lambda vocab_size, n_embd, r=r: r
-                    start = time.perf_counter()
-                    with torch.set_grad_enabled(grad):
-                        loss, _ = head_loss.head_cross_entropy(hidden, weight, targets)
-                        if grad:
-                            loss.backward()
-                    if repeat >= 2:  # warm-up
-                        times[r].append(time.perf_counter() - start)
-            figures = "  ".join(
-                f"{r}{' (picked)' if r == chosen else ''}{' (one slice)' if r == one else ''}: "
-                f"{statistics.median(t) * 1e3:.1f}" for r, t in times.items()
-            )
-            print(f"{shape} {'forward+backward' if grad else 'no grad':16s} {figures}", flush=True)
+    try:
+        for shape in args.shapes:
+            measure(shape, args.repeats, slice_rows)
+    finally:
+        head_loss.slice_rows = slice_rows
+
+
+def measure(shape: str, repeats: int, slice_rows: Callable[[int, int], int]) -> None:
+    """Print one shape's median ms at each row count, without and with the gradients; ``head_loss.slice_rows``
+    is replaced while it runs, ``slice_rows`` is the real one."""
+    n, n_embd, vocab = (int(x) for x in shape.split("x"))
+    chosen = slice_rows(vocab, n_embd)
+    one = min(n, head_loss.SLICE_ELEMENTS // vocab)
+    rows = sorted({chosen, one, max(1, chosen // 2), min(n, chosen * 2)})
+    for grad in (False, True):
+        hidden = torch.randn(n, n_embd, requires_grad=grad)
+        weight = (torch.randn(vocab, n_embd) * 0.05).requires_grad_(grad)
+        targets = torch.randint(0, vocab, (n,))
+        times: dict[int, list[float]] = {r: [] for r in rows}
+        for repeat in range(repeats + 2):
+            for r in rows:
+                head_loss.slice_rows = lambda vocab_size, n_embd, r=r: r
+                start = time.perf_counter()
+                with torch.set_grad_enabled(grad):
+                    loss, _ = head_loss.head_cross_entropy(hidden, weight, targets)
+                    if grad:
+                        loss.backward()
+                if repeat >= 2:  # warm-up
+                    times[r].append(time.perf_counter() - start)
+        figures = "  ".join(
+            f"{r}{' (picked)' if r == chosen else ''}{' (one slice)' if r == one else ''}: "
+            f"{statistics.median(t) * 1e3:.1f}" for r, t in times.items()
+        )
+        print(f"{shape} {'forward+backward' if grad else 'no grad':16s} {figures}", flush=True)
 
 
 if __name__ == "__main__":

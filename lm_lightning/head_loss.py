@@ -23,7 +23,8 @@ SLICE_ELEMENTS = 2**24
 """The most logits in a slice (64 MB in fp32)."""
 
 CACHED_SLICE_ELEMENTS = 2**20
-"""Logits in a slice at the least (4 MB in fp32), where the head is small enough that more rows are not needed."""
+"""The fewest logits in a slice (4 MB in fp32), for a small vocabulary, where ``n_embd`` rows would make slices so
+small that their per-slice work shows (a 1024 x 256 head over 1024 positions: 3.5 ms at 256 rows, 3.2 ms in one)."""
 
 
 def slice_rows(vocab_size: int, n_embd: int) -> int:
